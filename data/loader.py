@@ -1,0 +1,302 @@
+"""Streaming token loader with exact resume (stage: training input).
+
+Input: a :class:`DataConfig` (tokenized datasets + blend weights), ``dp_rank``/``dp_size``,
+``micro_batch_size``. Output: an iterator of batches
+``{"tokens": int64 [B, seq_len], "loss_mask": bool [B, seq_len]}`` (+ ``"doc_ids"`` int64 when every
+dataset stores document boundaries; -1 on padding). ``loss_mask`` is False only on padding, which
+exists only in the last sample of a split.
+
+How it is exact. Each DataLoader worker ``w`` of rank ``r`` is reader slot ``r * W + w`` of
+``dp_size * W`` slots; its samples are a pure function of the seed and its position (data/stream.py).
+The worker reads shards with webdataset, decodes and validates samples, draws the dataset of each
+sample from a seeded blend, batches ``micro_batch_size`` samples and tags the batch with its slot
+and position. torch's DataLoader hands batches out round-robin over workers (skipping exhausted
+workers), so the main process records, per worker, the position after the last batch *delivered*
+(prefetched batches do not count) and which worker is next. ``load_state_dict`` restarts every
+worker at its recorded position and rotates worker ids so that the worker that was next is asked
+first: the following batches are exactly those of an uninterrupted run.
+
+State (``state_dict()``) is a small JSON-serialisable dict. With ``on_bad_sample: error`` it is the
+same on every rank, so saving rank 0's copy is enough. If dp_size, num_workers or micro_batch_size
+change, slots cannot be mapped one to one; ``DataConfig.on_dp_change`` decides (default: warn and
+restart the oldest epoch in progress with the new layout; nothing is skipped, see config.py).
+
+Validation (``split="valid"``): one pass, no shuffling, no blend, the same batches on every run for
+a given dp_size; each ``iter()`` starts the pass from the beginning.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from twotower.data.config import DataConfig
+from twotower.data.shards import BadSampleError, IndexedShard, ShardInfo, decode_sample, read_manifest
+from twotower.data.stream import BlendSampler, SlotStream, virtual_shards
+from twotower.data.tokenizers import check_vocab
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+
+class _Decoder:
+    """Picklable decode + validate step; in skip mode it logs every bad sample with a running count."""
+
+    def __init__(self, seq_len: int, vocab_size: int | None, with_doc_ids: bool, skip: bool):
+        self.seq_len, self.vocab_size, self.with_doc_ids, self.skip = seq_len, vocab_size, with_doc_ids, skip
+        self.skipped = 0
+
+    def open_indexed(self, v) -> IndexedShard:
+        return IndexedShard(v.path, v.index, v.total, self.seq_len, self.vocab_size, self.with_doc_ids)
+
+    def __call__(self, item: dict | tuple) -> dict | None:
+        try:
+            if isinstance(item, tuple):  # (IndexedShard, sample number): the memory-mapped fast path
+                return item[0].sample(item[1])
+            return decode_sample(item, self.seq_len, self.vocab_size, self.with_doc_ids)
+        except BadSampleError as exc:
+            if not self.skip:
+                raise
+            self.skipped += 1
+            log.warning("skipping bad sample #%d: %s", self.skipped, exc)
+            return None
+
+
+class _Plan:
+    """Everything a worker needs to build its streams (picklable, built once in the main process)."""
+
+    def __init__(self, cfg: DataConfig, split: str, dp_size: int, one_pass: bool = False):
+        self.cfg, self.split, self.dp_size, self.one_pass = cfg, split, dp_size, one_pass
+        self.W = max(1, cfg.num_workers)
+        paths = [d.path for d in cfg.train] if split == "train" else [cfg.valid_path]
+        self.weights = [d.weight for d in cfg.train] if split == "train" else [1.0]
+        self.names = [str(p) for p in paths]
+        manifests = [read_manifest(p) for p in paths]
+        for path, m in zip(paths, manifests):
+            if m["seq_len"] != cfg.seq_len:
+                raise ValueError(f"dataset {path}: seq_len {m['seq_len']} in manifest.json != DataConfig.seq_len "
+                                 f"{cfg.seq_len}; re-tokenize or change data.seq_len")
+            check_vocab(m["vocab_size"], cfg.vocab_size, f"dataset {path} (tokenizer {m['tokenizer']})")
+            if not m["splits"].get(split, {}).get("samples"):
+                raise ValueError(f"dataset {path}: split {split!r} is empty (see its manifest.json)")
+        self.with_doc_ids = all(m.get("boundaries") for m in manifests)
+        self.shards = [
+            [ShardInfo(str(Path(p) / s["name"]), s["samples"], str(Path(p) / s["index"]) if s.get("index") else None)
+             for s in m["splits"][split]["shards"]]
+            for p, m in zip(paths, manifests)
+        ]
+        self.layout_vshards(dp_size)
+
+    def layout_vshards(self, dp_size: int) -> None:
+        self.vshards = [virtual_shards(s, dp_size * self.W, n) for s, n in zip(self.shards, self.names)]
+
+    def streams(self, slot: int, base_epochs: list[int], decode) -> list[SlotStream]:
+        train = self.split == "train"
+        return [
+            SlotStream(vs, slot=slot, n_slots=self.dp_size * self.W, seed=self.cfg.seed, dataset_index=i,
+                       shuffle=train, block=self.cfg.shuffle_buffer, finite=not train or self.one_pass,
+                       base_epoch=base_epochs[i], decode=decode,
+                       open_indexed=decode.open_indexed if decode is not None else None)
+            for i, vs in enumerate(self.vshards)
+        ]
+
+
+class _SlotDataset(IterableDataset):
+    """Runs inside each DataLoader worker: blends the slot's streams and yields tagged batches."""
+
+    def __init__(self, plan: _Plan, dp_rank: int, batch_size: int, positions: list[int], rotation: int,
+                 base_epochs: list[int]):
+        self.plan, self.dp_rank, self.batch_size = plan, dp_rank, batch_size
+        self.positions, self.rotation, self.base_epochs = positions, rotation, base_epochs
+
+    def __iter__(self):
+        info = get_worker_info()
+        W = self.plan.W
+        logical = ((info.id if info else 0) + self.rotation) % W
+        slot = self.dp_rank * W + logical
+        cfg = self.plan.cfg
+        decode = _Decoder(cfg.seq_len, cfg.vocab_size, self.plan.with_doc_ids, cfg.on_bad_sample == "skip")
+        streams = self.plan.streams(slot, self.base_epochs, decode)
+        blend = BlendSampler(self.plan.weights, cfg.seed, slot)
+        pos = self.positions[logical]
+        iters = [s.iterate(c) for s, c in zip(streams, blend.counts_before(pos))]
+        batch: list[dict] = []
+        for d in blend.draws(pos):
+            sample = next(iters[d], StopIteration)
+            if sample is StopIteration:  # finite (validation) stream exhausted
+                break
+            pos += 1
+            if sample is not None:  # None: a bad sample skipped (and logged) in skip mode
+                batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield self._collate(batch, logical, pos)
+                batch = []
+        if batch:
+            yield self._collate(batch, logical, pos)
+
+    def _collate(self, batch: list[dict], logical: int, pos: int) -> dict:
+        arr = np.empty((len(batch), self.plan.cfg.seq_len), dtype=np.int64)
+        for i, s in enumerate(batch):
+            arr[i] = s["tokens"]  # the one copy: uint32 page-cache view -> int64 batch
+        tokens = torch.from_numpy(arr)
+        lengths = torch.from_numpy(np.array([s["length"] for s in batch], dtype=np.int64))
+        out = {
+            "tokens": tokens,
+            "loss_mask": torch.arange(tokens.shape[1])[None, :] < lengths[:, None],
+            "_worker": logical,
+            "_position": pos,
+        }
+        if self.plan.with_doc_ids:
+            out["doc_ids"] = torch.from_numpy(np.stack([s["doc_ids"] for s in batch]))
+        return out
+
+
+class TokenLoader:
+    """Batches for one data-parallel rank, with exact ``state_dict()`` / ``load_state_dict()``."""
+
+    def __init__(self, cfg: DataConfig | Any, dp_rank: int = 0, dp_size: int = 1, micro_batch_size: int = 1,
+                 seed: int | None = None, split: str = "train", one_pass: bool = False):
+        cfg = DataConfig.from_any(cfg)
+        if seed is not None and seed != cfg.seed:
+            cfg = DataConfig.from_any({**cfg.__dict__, "seed": seed})
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} outside [0, dp_size={dp_size})")
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        if split not in ("train", "valid"):
+            raise ValueError(f"split must be 'train' or 'valid', got {split!r}")
+        if split == "valid" and not cfg.valid_path:
+            raise ValueError("DataConfig.valid_path is not set: no validation stream")
+        self.cfg, self.dp_rank, self.dp_size, self.batch_size, self.split = cfg, dp_rank, dp_size, micro_batch_size, split
+        self.one_pass = one_pass  # train split only: stop after each slot's first epoch (tests, evals)
+        self.plan = _Plan(cfg, split, dp_size, one_pass)
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        W = self.plan.W
+        self.positions = [0] * W
+        self.batches = [0] * W
+        self.next_worker = 0
+        self.base_epochs = [0] * len(self.plan.names)
+        self._it = None
+
+    def _make_iter(self):
+        ds = _SlotDataset(self.plan, self.dp_rank, self.batch_size, list(self.positions), self.next_worker,
+                          list(self.base_epochs))
+        nw = self.cfg.num_workers
+        dl = DataLoader(ds, batch_size=None, num_workers=nw,
+                        prefetch_factor=self.cfg.prefetch_factor if nw else None, persistent_workers=False)
+        return iter(dl)
+
+    def __iter__(self):
+        if self.split == "valid" or self.one_pass:
+            self._reset_state()  # a finite pass always starts from its beginning
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._it = self._make_iter()
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            # end of a finite (validation) pass: the next iter() starts the same pass again
+            self._reset_state()
+            raise
+        w = batch.pop("_worker")
+        self.positions[w] = int(batch.pop("_position"))
+        self.batches[w] += 1
+        self.next_worker = (w + 1) % self.plan.W
+        return batch
+
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "split": self.split,
+            "dp_size": self.dp_size,
+            "num_workers": self.cfg.num_workers,
+            "micro_batch_size": self.batch_size,
+            "seed": self.cfg.seed,
+            "datasets": [[n, w] for n, w in zip(self.plan.names, self.plan.weights)],
+            "base_epochs": list(self.base_epochs),
+            "positions": list(self.positions),
+            "batches": list(self.batches),
+            "next_worker": self.next_worker,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where ``state`` was taken (call before iterating)."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r}, expected {STATE_VERSION}")
+        if state["split"] != self.split:
+            raise ValueError(f"loader state is for split {state['split']!r}, this loader reads {self.split!r}")
+        if state["seed"] != self.cfg.seed:
+            raise ValueError(f"loader state seed {state['seed']} != data seed {self.cfg.seed}; keep the seed on resume")
+        if [d[0] for d in state["datasets"]] != self.plan.names:
+            raise ValueError(f"loader state datasets {[d[0] for d in state['datasets']]} != configured "
+                             f"{self.plan.names}; a changed blend cannot resume exactly (start a new data state)")
+        self._it = None
+        same = (state["dp_size"], state["num_workers"], state["micro_batch_size"]) == (
+            self.dp_size, self.cfg.num_workers, self.batch_size)
+        if same:
+            self.positions = list(state["positions"])
+            self.batches = list(state["batches"])
+            self.next_worker = int(state["next_worker"])
+            self.base_epochs = list(state["base_epochs"])
+            return
+        self._relayout(state)
+
+    def _relayout(self, state: dict) -> None:
+        """Layout changed: per dataset, find the epoch of every old slot and restart cleanly."""
+        msg = (f"data layout changed on resume: dp_size {state['dp_size']}->{self.dp_size}, num_workers "
+               f"{state['num_workers']}->{self.cfg.num_workers}, micro_batch_size {state['micro_batch_size']}->"
+               f"{self.batch_size}")
+        if self.cfg.on_dp_change == "error":
+            raise ValueError(msg + "; set data.on_dp_change to restart_epoch or next_epoch to continue")
+        old_W = max(1, state["num_workers"])
+        old_plan = _Plan(self.cfg, self.split, state["dp_size"])
+        old_plan.W = old_W
+        old_plan.layout_vshards(state["dp_size"])
+        new_base = []
+        for d, name in enumerate(self.plan.names):
+            where = []  # (epoch, offset) of every old slot; ranks share positions (see module doc)
+            for r in range(state["dp_size"]):
+                for w in range(old_W):
+                    slot = r * old_W + w
+                    count = BlendSampler(old_plan.weights, self.cfg.seed, slot).counts_before(state["positions"][w])[d]
+                    stream = old_plan.streams(slot, state["base_epochs"], None)[d]
+                    where.append((stream, count, stream.locate(count)))
+            epochs = [loc[0] for _, _, loc in where]
+            if self.cfg.on_dp_change == "restart_epoch":
+                target = min(epochs)
+                repeated = sum(c - _pos_of_epoch(s, target) for s, c, _ in where)
+                note = f"restarting epoch {target}: {repeated} samples of it are seen a second time"
+            else:
+                target = max(epochs) + 1
+                skipped = sum(_pos_of_epoch(s, target) - c for s, c, _ in where)
+                note = f"starting epoch {target}: {skipped} unread samples of earlier epochs are skipped"
+            warnings.warn(f"{msg}. Dataset {name}: old slots were in epochs {sorted(set(epochs))}; {note}.",
+                          stacklevel=3)
+            new_base.append(target)
+        self._reset_state()
+        self.base_epochs = new_base
+
+
+def _pos_of_epoch(stream: SlotStream, epoch: int) -> int:
+    """Stream position at which ``epoch`` begins."""
+    return sum(stream.epoch_total(e) for e in range(stream.base_epoch, epoch))
+
+
+def build_train_loader(cfg: DataConfig | Any, dp_rank: int, dp_size: int, micro_batch_size: int,
+                       seed: int | None = None) -> TokenLoader:
+    """The training stream (infinite, shuffled, blended, resumable)."""
+    return TokenLoader(cfg, dp_rank, dp_size, micro_batch_size, seed, split="train")
+
+
+def build_valid_loader(cfg: DataConfig | Any, dp_rank: int, dp_size: int, micro_batch_size: int) -> TokenLoader:
+    """The validation stream: one fixed, unshuffled pass over ``valid_path``'s valid split per iter()."""
+    return TokenLoader(cfg, dp_rank, dp_size, micro_batch_size, split="valid")

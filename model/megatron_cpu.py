@@ -1,0 +1,487 @@
+"""CPU runtime layer for megatron-core: run megatron 0.16.x on a CPU-only torch build with gloo.
+
+Call :func:`apply` **before megatron is imported** (``import twotower.model`` does it for you, as
+``model/__init__.py`` calls it). Several patches replace functions that megatron modules bind at
+import time (``from torch.cuda import _lazy_call``), or that must be in place when megatron's
+module-level code runs; ``apply()`` then imports the megatron modules it fixes itself. ``apply()`` is
+idempotent; calling it after megatron was imported still patches everything that is looked up at call
+time (all patches below are), but the supported order is "apply first".
+
+Two kinds of patches:
+
+CPU-only (skipped entirely when ``torch.cuda.is_available()``): they make megatron's hard-wired CUDA
+calls land on the CPU device.
+
+1. ``torch.cuda.current_device()`` -> ``torch.device('cpu')``: ~175 megatron call sites allocate with
+   ``device=torch.cuda.current_device()`` (grad buffers, optimizer shards, p2p buffers).
+2. CUDA streams/events: ``torch.cuda.Stream/Event/current_stream/default_stream/stream/synchronize``
+   become no-op stand-ins (CPU ops are synchronous): the MoE alltoall dispatcher's DtoH stream,
+   pipeline p2p and checkpoint save call them unconditionally.
+3. ``device='cuda'`` literals: the torch tensor factories (``torch.tensor/zeros/ones/empty/full/...``)
+   and ``Tensor.cuda/.to/.new_*`` map a CUDA device to the CPU and drop ``pin_memory`` (no pinned
+   allocator without an accelerator). ~40 literals in megatron (schedules' ``total_num_tokens``,
+   optimizer ``found_inf``, clip_grads, grad-buffer warmup...). We wrap the ~20 functions instead of
+   installing a ``TorchFunctionMode``: a mode costs ~10% on every op and is thread-local (the
+   checkpoint writer threads would miss it). The wrappers are registered as TorchScript builtins so
+   ``torch.jit.script`` still compiles code calling them.
+4. ``Tensor.type()`` (no argument) reports CPU tensors as ``torch.cuda.<T>Tensor``: megatron's
+   optimizers and ``clip_grads`` compare against ``'torch.cuda.FloatTensor'`` strings and raise
+   otherwise. ``Tensor.type(dtype)`` (a conversion) is untouched.
+5. CUDA RNG -> CPU RNG: ``torch.cuda.{get,set}_rng_state/manual_seed/manual_seed_all`` and megatron's
+   ``tensor_parallel.random._set_cuda_rng_state`` act on the CPU default generator (CPU dropout uses it),
+   so ``model_parallel_cuda_manual_seed`` and ``get_cuda_rng_tracker().fork()`` work. Unpatched,
+   ``_set_cuda_rng_state`` queues a ``_lazy_call`` that never runs on a CPU build: silently wrong.
+6. ``all_to_all`` split sizes: megatron's alltoall dispatcher only moves its split-size tensors to host
+   lists when they are CUDA tensors; on CPU they reach ``all_to_all_single`` as tensors and gloo/c10d
+   needs ``list[int]``. ``tensor_parallel.mappings._AllToAll.forward`` converts them.
+
+Megatron bug fixes (applied on CUDA too; guarded by megatron version, see ``_BUGFIX_MCORE``):
+
+7. ``te_general_gemm`` unbound: ``moe_utils`` imports it only inside ``try: import transformer_engine``
+   but ``RouterGatingLinearFunction.forward`` tests ``te_general_gemm is not None`` unconditionally,
+   a ``NameError`` in the MoE router without TE. We define it as ``None`` when missing.
+8. ``DistributedOptimizer`` + torch Adam (no apex/TE, e.g. CPU; also any GPU run without TE's FusedAdam):
+   (a) ``load_state_dict`` puts ONE ``step`` tensor object into every param's state; torch Adam
+   increments ``state['step']`` in place per param, so after a resume the step advances by
+   #params per iteration and Adam's bias correction is silently wrong. We give each param its own
+   copy. (b) ``state_dict()`` reads ``s['step']`` of every state: ``KeyError: 'step'`` when the torch
+   optimizer state is not initialised yet (e.g. saving/loading before the first step). Loading a
+   dist checkpoint needs initialised states: call :func:`init_optimizer_states` (a wrapper around
+   megatron's ``_init_optimizer_states_with_dummy_values``) on a fresh optimizer before
+   ``optimizer.sharded_state_dict(...)`` for loading.
+
+Every patch asserts the attribute it replaces exists, so a torch / megatron upgrade fails loudly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+__all__ = ["CPU_ONLY", "applied_patches", "apply", "init_optimizer_states", "init_parallel"]
+
+CPU_ONLY = not torch.cuda.is_available()
+#: megatron-core versions whose bugs (patches 7, 8) were verified; other versions raise in apply().
+_BUGFIX_MCORE = ("0.16.",)
+
+_APPLIED: list[str] = []
+_ORIG: dict[str, Any] = {}
+_CPU = torch.device("cpu")
+
+
+def applied_patches() -> list[str]:
+    """Names of the patches :func:`apply` installed in this process (empty before ``apply()``)."""
+    return list(_APPLIED)
+
+
+def _replace(owner: Any, name: str, new: Any, key: str | None = None) -> None:
+    """Set ``owner.name = new`` after asserting ``owner.name`` exists; keep the original."""
+    assert hasattr(owner, name), f"megatron_cpu: {owner!r} has no attribute {name!r} (torch/megatron upgrade?)"
+    _ORIG[key or f"{getattr(owner, '__name__', owner)}.{name}"] = getattr(owner, name)
+    setattr(owner, name, new)
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. current_device
+# --------------------------------------------------------------------------------------------------
+def _patch_current_device() -> None:
+    _replace(torch.cuda, "current_device", lambda: _CPU)
+    _APPLIED.append("current_device")
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. streams / events
+# --------------------------------------------------------------------------------------------------
+class CpuEvent:
+    """Stand-in for ``torch.cuda.Event``: CPU work is synchronous, so every event is complete."""
+
+    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False):
+        self.enable_timing = enable_timing
+        self._time: float | None = None
+
+    def record(self, stream: Any = None) -> None:
+        import time
+
+        self._time = time.perf_counter()
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end_event: CpuEvent) -> float:
+        if self._time is None or end_event._time is None:
+            return 0.0
+        return (end_event._time - self._time) * 1000.0
+
+
+class CpuStream:
+    """Stand-in for ``torch.cuda.Stream``: one synchronous queue, all methods no-ops."""
+
+    def __init__(self, device: Any = None, priority: int = 0, **kwargs: Any):
+        self.device = _CPU
+        self.priority = priority
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def record_event(self, event: CpuEvent | None = None) -> CpuEvent:
+        event = event or CpuEvent()
+        event.record(self)
+        return event
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_DEFAULT_STREAM = CpuStream()
+
+
+def _patch_streams() -> None:
+    _replace(torch.cuda, "Stream", CpuStream)
+    _replace(torch.cuda, "Event", CpuEvent)
+    _replace(torch.cuda, "current_stream", lambda device=None: _DEFAULT_STREAM)
+    _replace(torch.cuda, "default_stream", lambda device=None: _DEFAULT_STREAM)
+    _replace(torch.cuda, "stream", lambda stream=None: contextlib.nullcontext(stream))
+    _replace(torch.cuda, "synchronize", lambda device=None: None)
+    _APPLIED.append("streams")
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. device='cuda' literals
+# --------------------------------------------------------------------------------------------------
+def _to_cpu_device(device: Any) -> Any:
+    """Map a CUDA device spec (``'cuda'``, ``'cuda:1'``, ``torch.device('cuda')``, an int) to CPU."""
+    if device is None:
+        return None
+    if isinstance(device, str):
+        return "cpu" if device.startswith("cuda") else device
+    if isinstance(device, torch.device):
+        return _CPU if device.type == "cuda" else device
+    if isinstance(device, int) and not isinstance(device, bool):
+        return _CPU  # a bare int is an accelerator index
+    return device
+
+
+_FACTORIES = (
+    "tensor", "as_tensor", "zeros", "ones", "empty", "full", "arange", "range", "linspace", "logspace",
+    "eye", "rand", "randn", "randint", "randperm", "empty_strided", "zeros_like", "ones_like",
+    "empty_like", "full_like", "rand_like", "randn_like", "randint_like",
+)  # fmt: skip
+_NEW_METHODS = ("new_tensor", "new_empty", "new_zeros", "new_ones", "new_full")
+
+
+def _wrap_factory(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        kwargs.pop("pin_memory", None)  # no pinned allocator without an accelerator
+        return fn(*args, **kwargs)
+
+    wrapper.__megatron_cpu_orig__ = fn  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _tensor_to(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    if args and not isinstance(args[0], (torch.dtype, torch.Tensor)):
+        args = (_to_cpu_device(args[0]), *args[1:])
+    if "device" in kwargs:
+        kwargs["device"] = _to_cpu_device(kwargs["device"])
+    return _ORIG["Tensor.to"](self, *args, **kwargs)
+
+
+def _tensor_cuda(self: torch.Tensor, device: Any = None, non_blocking: bool = False, **kwargs: Any):
+    memory_format = kwargs.get("memory_format", torch.preserve_format)
+    return _ORIG["Tensor.to"](self, _CPU, non_blocking=non_blocking, memory_format=memory_format)
+
+
+def _patch_device_literals() -> None:
+    from torch.jit import _builtins
+
+    for name in _FACTORIES:
+        orig = getattr(torch, name)
+        wrapper = _wrap_factory(orig)
+        _replace(torch, name, wrapper, key=f"torch.{name}")
+        op = _builtins._find_builtin(orig)
+        if op is not None:  # keep torch.jit.script working on code calling the factory
+            _builtins._register_builtin(wrapper, op)
+    for name in _NEW_METHODS:
+        _replace(torch.Tensor, name, _wrap_factory(getattr(torch.Tensor, name)), key=f"Tensor.{name}")
+    _replace(torch.Tensor, "to", _tensor_to, key="Tensor.to")
+    _replace(torch.Tensor, "cuda", _tensor_cuda, key="Tensor.cuda")
+    _APPLIED.append("device_literals")
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Tensor.type() strings
+# --------------------------------------------------------------------------------------------------
+def _tensor_type(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any):
+    orig = _ORIG["Tensor.type"]
+    if dtype is None and not kwargs:
+        name = orig(self)
+        if self.device.type == "cpu" and name.startswith("torch.") and not name.startswith("torch.cuda."):
+            return "torch.cuda." + name[len("torch.") :]
+        return name
+    return orig(self, dtype, non_blocking, **kwargs)
+
+
+def _patch_tensor_type() -> None:
+    _replace(torch.Tensor, "type", _tensor_type, key="Tensor.type")
+    _APPLIED.append("tensor_type")
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. CUDA RNG -> CPU RNG
+# --------------------------------------------------------------------------------------------------
+def _set_cpu_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:
+    torch.default_generator.set_state(new_state)
+
+
+def _patch_torch_rng() -> None:
+    get_state = lambda device="cuda": torch.get_rng_state()
+    set_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    seed = lambda s: torch.default_generator.manual_seed(int(s)) and None
+    for owner in (torch.cuda, torch.cuda.random):
+        _replace(owner, "get_rng_state", get_state, key=f"{owner.__name__}.get_rng_state")
+        _replace(owner, "set_rng_state", set_state, key=f"{owner.__name__}.set_rng_state")
+        _replace(owner, "manual_seed", seed, key=f"{owner.__name__}.manual_seed")
+        # manual_seed_all is left alone: torch.manual_seed calls it and it is a no-op on CPU.
+    _APPLIED.append("torch_rng")
+
+
+def _patch_megatron_rng() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    # _get_cuda_rng_state(graph_safe=False) calls torch.cuda.random.get_rng_state -> patched above.
+    _replace(mrandom, "_set_cuda_rng_state", _set_cpu_rng_state, key="mcore.random._set_cuda_rng_state")
+    _APPLIED.append("megatron_rng")
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. all_to_all split sizes
+# --------------------------------------------------------------------------------------------------
+def _as_split_list(sizes: Any) -> Any:
+    if sizes is None or isinstance(sizes, list):
+        return sizes
+    if isinstance(sizes, torch.Tensor):
+        return [int(s) for s in sizes.tolist()]
+    return [int(s) for s in sizes]  # numpy array, tuple
+
+
+def _patch_all_to_all() -> None:
+    from megatron.core.tensor_parallel import mappings
+
+    fn = mappings._AllToAll
+    orig_forward = fn.forward
+
+    def forward(ctx, group, input, output_split_sizes, input_split_sizes):
+        return orig_forward(ctx, group, input, _as_split_list(output_split_sizes), _as_split_list(input_split_sizes))
+
+    _replace(fn, "forward", staticmethod(forward), key="mcore._AllToAll.forward")
+    _APPLIED.append("all_to_all_splits")
+
+
+# --------------------------------------------------------------------------------------------------
+# 7. te_general_gemm unbound without TE (megatron bug)
+# --------------------------------------------------------------------------------------------------
+def _fix_te_general_gemm() -> None:
+    from megatron.core.transformer.moe import moe_utils
+
+    assert hasattr(moe_utils, "RouterGatingLinearFunction"), "megatron_cpu: RouterGatingLinearFunction moved"
+    uses = "te_general_gemm" in moe_utils.RouterGatingLinearFunction.forward.__code__.co_names
+    if uses and not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+        _APPLIED.append("te_general_gemm")
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. DistributedOptimizer 'step' with torch Adam (megatron bug)
+# --------------------------------------------------------------------------------------------------
+def _fix_distopt_step() -> None:
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    cls = dopt.DistributedOptimizer
+    assert hasattr(dopt, "HAVE_APEX_OR_TE"), "megatron_cpu: distrib_optimizer.HAVE_APEX_OR_TE gone"
+    if dopt.HAVE_APEX_OR_TE:
+        return  # FusedAdam keeps 'step' in param_groups: the bug is on the torch-Adam path only
+    orig_load = cls.load_state_dict
+    orig_state = cls.state_dict
+
+    @functools.wraps(orig_load)
+    def load_state_dict(self, state_dict):
+        groups = state_dict.get("optimizer", {}).get("param_groups", [])
+        steps = {g["step"] for g in groups if g.get("step") is not None}
+        assert len(steps) <= 1, f"megatron_cpu: inconsistent optimizer steps in checkpoint: {steps}"
+        orig_load(self, state_dict)
+        if not steps:
+            return
+        step = float(steps.pop())
+        # (a) megatron put ONE step tensor into every param state (torch Adam increments it in place
+        # per param), and (b) dp_reshardable then copy_()s each param's *dummy* step (not stored in
+        # the checkpoint) into it. The checkpoint's param_groups step is the real one: give every
+        # param its own tensor with that value.
+        for state in self.optimizer.state.values():
+            old = state.get("step")
+            if isinstance(old, torch.Tensor):
+                state["step"] = torch.tensor(step, dtype=old.dtype, device=old.device)
+
+    @functools.wraps(orig_state)
+    def state_dict(self):
+        inner = self.optimizer
+        if any("step" not in s for s in inner.state.values()) or not inner.state:
+            init_optimizer_states(self)  # states must exist for megatron's 'step' extraction
+        return orig_state(self)
+
+    orig_set = cls._set_main_param_and_optimizer_states
+
+    @functools.wraps(orig_set)
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        # (c) it copies into EVERY key of the param's torch state, 'step' included, but the
+        # fully_reshardable / fs_model_space loaders drop 'step' from `tensors`: KeyError: 'step'.
+        # Keep the current step (load_state_dict below sets the real one from param_groups).
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+            if "step" in state:
+                tensors = {**tensors, "step": state["step"].clone()}
+        # (d) the dp_reshardable loader lacks @torch.no_grad(): for fp32 params the main param is a
+        # view of a leaf that requires grad and copy_() raises.
+        with torch.no_grad():
+            return orig_set(self, model_param, tensors)
+
+    _replace(cls, "_set_main_param_and_optimizer_states", _set_main_param_and_optimizer_states,
+             key="mcore.DistributedOptimizer._set_main_param_and_optimizer_states")
+    _replace(cls, "load_state_dict", load_state_dict, key="mcore.DistributedOptimizer.load_state_dict")
+    _replace(cls, "state_dict", state_dict, key="mcore.DistributedOptimizer.state_dict")
+    _APPLIED.append("distopt_step")
+
+
+def init_optimizer_states(optimizer: Any) -> None:
+    """Initialise a (fresh) DistributedOptimizer's torch-Adam states with zeros / step 0.
+
+    Needed before ``optimizer.sharded_state_dict(model_sd, is_loading=True)`` when loading a dist
+    checkpoint with torch Adam (no apex/TE): megatron's load fills the states in place. The dummy
+    Adam step runs on zero grads; weights are untouched only because megatron's copy of main params
+    back to the model happens in ``optimizer.step()``, which this does not call; the states' ``step``
+    is reset to 0 and ``exp_avg*`` to 0 afterwards.
+    """
+    assert hasattr(optimizer, "_init_optimizer_states_with_dummy_values"), "megatron_cpu: megatron API gone"
+    inner = optimizer.optimizer
+    saved = [p.detach().clone() for g in inner.param_groups for p in g["params"]]
+    optimizer._init_optimizer_states_with_dummy_values()
+    params = [p for g in inner.param_groups for p in g["params"]]
+    with torch.no_grad():
+        for p, s in zip(params, saved):
+            p.copy_(s)  # weight decay would have moved the main params
+    for state in inner.state.values():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor):
+                v.zero_()
+            if k == "step" and isinstance(v, torch.Tensor):
+                state[k] = v.detach().clone()
+
+
+# --------------------------------------------------------------------------------------------------
+def _mcore_version() -> str:
+    from megatron.core import package_info
+
+    return package_info.__version__
+
+
+def apply() -> list[str]:
+    """Install the patches (idempotent). Returns the names of the installed patches.
+
+    Must run before megatron is imported. CPU-only patches are skipped when CUDA is available;
+    megatron bug fixes are applied everywhere for the verified megatron versions.
+    """
+    if _APPLIED:
+        return applied_patches()
+    if CPU_ONLY:
+        _patch_current_device()
+        _patch_streams()
+        _patch_device_literals()
+        _patch_tensor_type()
+        _patch_torch_rng()
+        _patch_megatron_rng()
+        _patch_all_to_all()
+    version = _mcore_version()
+    if not version.startswith(_BUGFIX_MCORE):
+        raise RuntimeError(
+            f"megatron_cpu: megatron-core {version} not verified (fixes written for {_BUGFIX_MCORE}); "
+            "re-check te_general_gemm and DistributedOptimizer 'step' handling, then extend _BUGFIX_MCORE"
+        )
+    _fix_te_general_gemm()
+    _fix_distopt_step()
+    if not _APPLIED:
+        _APPLIED.append("none")
+    return applied_patches()
+
+
+# --------------------------------------------------------------------------------------------------
+# parallel init helper
+# --------------------------------------------------------------------------------------------------
+def init_parallel(tp: int = 1, ep: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 300) -> None:
+    """Initialise torch.distributed from the torchrun env and megatron model parallel.
+
+    Backend ``gloo`` on CPU, ``nccl`` on CUDA (sets the CUDA device from ``LOCAL_RANK``). Without
+    torchrun env vars it falls back to a 1-process world on a free port. Then
+    ``initialize_model_parallel(tp, pp, ep)`` and ``model_parallel_cuda_manual_seed(seed)``.
+    """
+    apply()
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if not torch.distributed.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
+        backend = "gloo" if CPU_ONLY else "nccl"
+        if not CPU_ONLY:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
+        # Experts are not tensor-parallel (Nemotron-H: ETP=1); must match TransformerConfig.
+        expert_tensor_parallel_size=1,
+    )
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_parallel() -> None:
+    """Undo :func:`init_parallel` (megatron groups, then the default process group)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def free_port() -> int:
+    """A TCP port free on localhost right now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,250 @@
+"""TwoTower: a frozen causal context tower and a trained block-diffusion denoiser tower.
+
+Stage: the model of the diffusion objective. Both towers are ``NemotronHModel`` copies of
+one backbone; the denoiser adds adaLN-single time conditioning (``adaln.py``).
+
+Vectorised training pass (``forward``), one call for all blocks of ``x0, xt: [b, L]``
+with block size ``S`` and per-block times ``t: [b, L/S]``::
+
+    hc = context.embed(x0)   (no grad)            hd = denoiser.embed(xt)
+    for layer i (both towers in lockstep):
+        hc, aux = context.layers[i](hc)           aux: K/V, or Mamba states at every k*S
+        hd = denoiser.layers[i](hd, aux, adaLN_i(t))
+           '*': queries of block b see context keys < b*S and their own block (bidirectional)
+           'M': every block is scanned on its own, seeded with the context state at b*S
+    ce = CE(denoiser.head(hd), x0)               SUBS: the mask token is never predicted
+
+Only layer i's context K/V and boundary states are alive at a time. With
+``recompute='mamba'`` (default) a Mamba layer pair is wrapped in activation checkpointing:
+backward re-runs context layer i to rebuild the per-boundary states (~12x a hidden
+activation at 30B scale) instead of keeping them for every layer.
+
+``context_forward`` / ``denoise_block`` are the same computation one block at a time
+(a plain causal prefix pass, then the denoiser on one block over the prefix cache): the
+decoding path, and the naive reference the tests compare the vectorised pass against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch.utils.checkpoint import checkpoint
+
+from twotower.model.adaln import AdaLNSingle
+from twotower.model.backbone import NemotronHModel, gather_logits
+from twotower.model.cache import LayerCache, TowerCache
+from twotower.model.config import BackboneConfig, ConfigError, ParallelConfig, to_transformer_config
+from twotower.model.core_attention import MaskSpec
+from twotower.model.layers import get_hybrid_layer_specs
+
+
+@dataclass
+class TwoTowerConfig:
+    """The denoiser's extras and the block structure."""
+
+    block_size: int = 16
+    """Tokens per diffusion block S (the release: 16)."""
+    mask_token_id: int = 3
+    """Id of [MASK] (the release: 3). Its logit is never predicted (SUBS)."""
+    time_dim: int = 128
+    """Width of the shared adaLN-single time network (~1.5M extra parameters at 30B scale)."""
+    recompute: Literal["none", "mamba", "full"] = "mamba"
+    """Activation checkpointing of layer pairs: Mamba pairs only (their per-boundary states are
+    big), every pair, or none."""
+
+    def validate(self, backbone: BackboneConfig, seq_len: int | None = None) -> None:
+        if self.block_size <= 0:
+            raise ConfigError(f"twotower.block_size={self.block_size} must be positive")
+        if not 0 <= self.mask_token_id < backbone.vocab_size:
+            raise ConfigError(f"twotower.mask_token_id={self.mask_token_id} is outside the vocabulary "
+                              f"[0, {backbone.vocab_size}) of the model")
+        if self.recompute not in ("none", "mamba", "full"):
+            raise ConfigError(f"twotower.recompute={self.recompute!r}: use 'none', 'mamba' or 'full'")
+        if seq_len is not None:
+            if self.block_size > seq_len:
+                raise ConfigError(f"twotower.block_size={self.block_size} is larger than the sequence "
+                                  f"length {seq_len}")
+            if seq_len % self.block_size:
+                raise ConfigError(f"sequence length {seq_len} is not a multiple of twotower.block_size="
+                                  f"{self.block_size}")
+
+
+@dataclass
+class TwoTowerOutput:
+    ce: torch.Tensor
+    """``[b, L]`` fp32: ``-log p_theta(x0_i | xt, clean prefix)`` at every position (the loss
+    uses the masked ones)."""
+    logits: torch.Tensor | None = None
+    """``[b, L, vocab]`` denoiser logits (mask token at -inf), when asked for."""
+    ar_nll: torch.Tensor | None = None
+    """``[b, L-1]`` fp32 next-token NLL of the frozen context tower on the clean tokens."""
+
+
+class TwoTowerModel(MegatronModule):
+    def __init__(self, config: TransformerConfig, backbone: BackboneConfig, twotower: TwoTowerConfig,
+                 parallel: ParallelConfig, pre_process: bool = True, post_process: bool = True,
+                 layer_range: tuple[int, int] | None = None):
+        super().__init__(config)
+        twotower.validate(backbone)
+        self.backbone, self.twotower = backbone, twotower
+        self.pre_process, self.post_process = pre_process, post_process
+        specs = get_hybrid_layer_specs(backbone, parallel)
+        kw = dict(pre_process=pre_process, post_process=post_process, layer_range=layer_range)
+        self.context_tower = NemotronHModel(config, backbone, specs, **kw)
+        self.denoiser_tower = NemotronHModel(config, backbone, specs, **kw)
+        self.adaln = AdaLNSingle(backbone.hidden_size, backbone.num_layers, twotower.time_dim,
+                                 sequence_parallel=config.sequence_parallel)
+        # The freeze boundary: the whole context tower, as one module (freezing parts of
+        # megatron's layer-stacked tensors breaks optimizer checkpoints).
+        self.context_tower.requires_grad_(False)
+        self.input_tensor = None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.context_tower.train(False)
+        return self
+
+    @torch.no_grad()
+    def init_denoiser_from_context(self) -> None:
+        """Both towers start as exact copies of the backbone (the adaLN starts as the identity)."""
+        self.denoiser_tower.load_state_dict(self.context_tower.state_dict())
+
+    # ------------------------------------------------------------------ vectorised pass
+    def forward(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, *,
+                return_logits: bool = False, ar_nll: bool = False) -> TwoTowerOutput:
+        """Args:
+            x0: ``[b, L]`` clean tokens; xt: ``[b, L]`` noisy tokens (masked ones = mask id);
+            t: ``[b, L/S]`` diffusion time of every block.
+        """
+        S = self.twotower.block_size
+        L = x0.shape[1]
+        self.twotower.validate(self.backbone, L)
+        if xt.shape != x0.shape or t.shape != (x0.shape[0], L // S):
+            raise ValueError(f"shapes: x0 {tuple(x0.shape)}, xt {tuple(xt.shape)}, t {tuple(t.shape)}; "
+                             f"expected xt like x0 and t [b, {L // S}]")
+        with torch.no_grad():
+            hc = self.context_tower.embed(x0)
+        hd = self.denoiser_tower.embed(xt)
+        mod = self.adaln.per_token(t, S, self._seq_slice(L))  # [s(/tp), b, 3h]
+        mode = self.twotower.recompute
+        for j, (lc, ld) in enumerate(zip(self.context_tower.layers, self.denoiser_tower.layers)):
+            i = self.context_tower.layer_offset + j
+            wrap = torch.is_grad_enabled() and (mode == "full" or (mode == "mamba" and lc.symbol == "M"))
+            if wrap:
+                hc, hd = checkpoint(self._layer_pair, i, lc, ld, hc, hd, mod, S, L, use_reentrant=False)
+            else:
+                hc, hd = self._layer_pair(i, lc, ld, hc, hd, mod, S, L)
+        logits = self._subs(self.denoiser_tower.head(hd))  # [L, b, V/tp]
+        out = TwoTowerOutput(ce=None)
+        if return_logits:
+            out.logits = gather_logits(logits).clone()
+        # megatron's vocab-parallel CE works in place on its input (and .float() of fp32 is a no-op)
+        out.ce = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), x0.t().contiguous()).t()
+        if ar_nll:
+            with torch.no_grad():
+                ctx_logits = self.context_tower.head(hc)[:-1].float()
+                out.ar_nll = tensor_parallel.vocab_parallel_cross_entropy(
+                    ctx_logits, x0[:, 1:].t().contiguous()).t()
+        return out
+
+    def _layer_pair(self, i, lc, ld, hc, hd, mod, S, L):
+        """Context layer i (no grad), then denoiser layer i reading what it exposed."""
+        m = self.adaln.for_layer(mod, i)
+        if lc.symbol == "M":
+            with torch.no_grad():
+                hc, st = lc(hc, state_every=S)
+            b = hd.shape[1]
+            ssm0 = _shift_blocks(st.ssm_boundary).flatten(0, 1)  # [b*nb, nh_l, p, n]
+            conv0 = _shift_blocks(st.conv_boundary).flatten(0, 1)  # [b*nb, conv_l, k-1]
+            assert ssm0.shape[0] == b * (L // S)
+            hd, _ = ld(hd, modulation=m, initial_ssm_state=ssm0, initial_conv_state=conv0, block_size=S)
+        elif lc.symbol == "*":
+            with torch.no_grad():
+                hc, kv = lc(hc)
+            hd, _ = ld(hd, modulation=m, kv_prefix=kv, mask=MaskSpec.block_diffusion(S, L))
+        else:
+            with torch.no_grad():
+                hc, _ = lc(hc)
+            hd, _ = ld(hd, modulation=m)
+        return hc, hd
+
+    # ------------------------------------------------------------------ one block at a time
+    @torch.no_grad()
+    def context_forward(self, ids: torch.Tensor, cache: TowerCache | None = None,
+                        return_logits: bool = False) -> tuple[torch.Tensor | None, TowerCache]:
+        """Causal context pass over ``ids [b, s]`` continuing ``cache``; returns (logits, new cache)."""
+        ctx = self.context_tower
+        cache = cache or TowerCache.empty(len(ctx.layers))
+        h = ctx.embed(ids)
+        new = TowerCache.empty(len(ctx.layers))
+        new.length = cache.length + ids.shape[1]
+        for j, layer in enumerate(ctx.layers):
+            c = cache.layers[j]
+            if layer.symbol == "M":
+                h, st = layer(h, initial_ssm_state=c.ssm, initial_conv_state=c.conv, return_final_state=True)
+                new.layers[j] = LayerCache(ssm=st.ssm_final, conv=st.conv_final)
+            elif layer.symbol == "*":
+                h, (k, v) = layer(h, kv_prefix=cache.kv(j))
+                if c.k is not None:
+                    k, v = torch.cat([c.k, k], dim=2), torch.cat([c.v, v], dim=2)
+                new.layers[j] = LayerCache(k=k, v=v)
+            else:
+                h, _ = layer(h)
+        logits = gather_logits(ctx.head(h)) if return_logits else None
+        return logits, new
+
+    def denoise_block(self, xt_block: torch.Tensor, t: torch.Tensor, cache: TowerCache) -> torch.Tensor:
+        """Denoiser logits ``[b, S', vocab]`` for one noisy block ``[b, S']`` at times ``t [b]``,
+        attending over the clean prefix held in ``cache`` (bidirectional inside the block)."""
+        den = self.denoiser_tower
+        h = den.embed(xt_block)
+        mod = self.adaln.per_token(t[:, None], xt_block.shape[1])
+        for j, layer in enumerate(den.layers):
+            c, m = cache.layers[j], self.adaln.for_layer(mod, den.layer_offset + j)
+            if layer.symbol == "M":
+                h, _ = layer(h, modulation=m, initial_ssm_state=c.ssm, initial_conv_state=c.conv)
+            elif layer.symbol == "*":
+                h, _ = layer(h, modulation=m, kv_prefix=cache.kv(j), mask=MaskSpec.full())
+            else:
+                h, _ = layer(h, modulation=m)
+        return gather_logits(self._subs(den.head(h)))
+
+    # ------------------------------------------------------------------ helpers
+    def _subs(self, logits: torch.Tensor) -> torch.Tensor:
+        """SUBS parameterisation: the mask token's logit is -inf on the rank that owns it."""
+        vl = logits.shape[-1]
+        local = self.twotower.mask_token_id - parallel_state.get_tensor_model_parallel_rank() * vl
+        if 0 <= local < vl:
+            idx = torch.tensor([local], device=logits.device)
+            logits = logits.index_fill(-1, idx, float("-inf"))
+        return logits
+
+    def _seq_slice(self, L: int) -> slice | None:
+        if not self.config.sequence_parallel:
+            return None
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        r = parallel_state.get_tensor_model_parallel_rank()
+        return slice(r * L // tp, (r + 1) * L // tp)
+
+
+def _shift_blocks(boundary: torch.Tensor) -> torch.Tensor:
+    """States at the end of blocks ``[b, nb, ...]`` -> states at the start of blocks (zeros first)."""
+    return torch.cat([torch.zeros_like(boundary[:, :1]), boundary[:, :-1]], dim=1)
+
+
+def build_two_tower(backbone: BackboneConfig, parallel: ParallelConfig | None = None,
+                    twotower: TwoTowerConfig | None = None, *, params_dtype: torch.dtype = torch.float32,
+                    pre_process: bool = True, post_process: bool = True,
+                    layer_range: tuple[int, int] | None = None, **config_overrides) -> TwoTowerModel:
+    """Build both towers on the current megatron parallel state; the denoiser copies the context."""
+    parallel = parallel or ParallelConfig()
+    twotower = twotower or TwoTowerConfig()
+    config = to_transformer_config(backbone, parallel, params_dtype=params_dtype, **config_overrides)
+    model = TwoTowerModel(config, backbone, twotower, parallel, pre_process, post_process, layer_range)
+    model.init_denoiser_from_context()
+    return model.to(params_dtype) if params_dtype != torch.float32 else model

@@ -1,0 +1,174 @@
+"""TwoTower: the vectorised pass equals the naive block loop; a fresh denoiser is the backbone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from twotower.model.cache import TowerCache
+from twotower.model.config import BackboneConfig, ConfigError, ParallelConfig
+from twotower.model.two_tower import TwoTowerConfig, build_two_tower
+
+PAR = ParallelConfig(attention_backend="sdpa", ssm_backend="torch")
+MASK = 3
+
+
+def randomise_adaln(model, seed=0):
+    """Give adaLN-single non-trivial weights so the time conditioning is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.adaln.parameters():
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def tiny(pattern="M*EM-*", block_size=4, recompute="mamba", seed=0, **kw):
+    cfg = BackboneConfig(pattern=pattern, vocab_size=64, hidden_size=32, num_attention_heads=4,
+                         num_query_groups=2, head_dim=8, mamba_num_heads=4, mamba_head_dim=8,
+                         mamba_num_groups=2, mamba_state_dim=8, mamba_chunk_size=8, ffn_hidden_size=48,
+                         num_experts=4, moe_topk=2, moe_ffn_hidden_size=16,
+                         moe_shared_expert_intermediate_size=24, **kw)
+    torch.manual_seed(seed)
+    model = build_two_tower(cfg, PAR, TwoTowerConfig(block_size=block_size, mask_token_id=MASK,
+                                                     recompute=recompute))
+    # A trained denoiser differs from the context tower: perturb it so the test sees both.
+    with torch.no_grad():
+        for p in model.denoiser_tower.parameters():
+            p.add_(0.02 * torch.randn(p.shape))
+    randomise_adaln(model, seed)
+    return cfg, model
+
+
+def batch(cfg, b, L, S, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randint(4, cfg.vocab_size, (b, L), generator=g)
+    t = torch.rand(b, L // S, generator=g) * 0.9 + 0.05
+    masked = torch.rand(b, L, generator=g) < t.repeat_interleave(S, 1)
+    xt = torch.where(masked, torch.full_like(x0, MASK), x0)
+    return x0, xt, t, masked
+
+
+def naive(model, x0, xt, t, S):
+    """Oracle: for each block, a plain causal context pass over the clean prefix, then the
+    denoiser over that block alone, seeded with the prefix's final states."""
+    out = []
+    for blk in range(x0.shape[1] // S):
+        if blk == 0:
+            cache = TowerCache.empty(len(model.context_tower.layers))
+        else:
+            _, cache = model.context_forward(x0[:, : blk * S])
+        out.append(model.denoise_block(xt[:, blk * S:(blk + 1) * S], t[:, blk], cache))
+    return torch.cat(out, dim=1)
+
+
+def ce_of(logits, x0):
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), x0.flatten(), reduction="none").view(x0.shape)
+
+
+@pytest.mark.parametrize("pattern,S,L", [("M*EM-*", 4, 16), ("M*EM-*", 8, 24), ("*M-ME", 1, 6),
+                                         ("MEM*", 16, 32)])
+def test_vectorised_equals_naive_block_loop(megatron_world1, pattern, S, L):
+    cfg, model = tiny(pattern, S)
+    x0, xt, t, masked = batch(cfg, 2, L, S)
+    fast = model(x0, xt, t, return_logits=True)
+    ref_logits = naive(model, x0, xt, t, S)
+    finite = torch.isfinite(ref_logits)
+    assert torch.equal(finite, torch.isfinite(fast.logits))
+    assert (fast.logits[finite] - ref_logits[finite]).abs().max().item() <= 1e-4
+    assert (fast.ce - ce_of(ref_logits, x0)).abs().max().item() <= 1e-4
+    assert torch.isinf(fast.logits[..., MASK]).all() and (fast.logits[..., MASK] < 0).all()  # SUBS
+
+
+@pytest.mark.parametrize("recompute", ["mamba", "none", "full"])
+def test_vectorised_gradients_equal_naive(megatron_world1, recompute):
+    cfg, model = tiny("M*EM-*", 4, recompute=recompute)
+    x0, xt, t, masked = batch(cfg, 2, 16, 4, seed=1)
+    w = torch.rand(x0.shape, generator=torch.Generator().manual_seed(5))  # arbitrary per-token weights
+
+    model.zero_grad()
+    (model(x0, xt, t).ce * masked * w).sum().backward()
+    fast = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    (ce_of(naive(model, x0, xt, t, 4), x0) * masked * w).sum().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    assert fast.keys() == ref.keys()
+    assert all(n.startswith(("denoiser_tower.", "adaln.")) for n in fast), "context tower got gradients"
+    assert any(n.startswith("adaln.") for n in fast)
+    worst = max((fast[n] - ref[n]).abs().max().item() for n in fast)
+    assert worst <= 1e-4, worst
+
+
+def test_fresh_denoiser_is_the_backbone(megatron_world1):
+    """With no masks and S=1 (causal inside a 1-token block) an untrained denoiser's logits at
+    every position equal the backbone's next-token logits; attention-free stacks for any S."""
+    for pattern, S in (("M*EM-*", 1), ("MEM-M", 4)):
+        cfg = BackboneConfig(pattern=pattern, vocab_size=64, hidden_size=32, head_dim=8, mamba_head_dim=8,
+                             mamba_state_dim=8, mamba_chunk_size=8)
+        torch.manual_seed(0)
+        model = build_two_tower(cfg, PAR, TwoTowerConfig(block_size=S, mask_token_id=MASK))
+        x0 = torch.randint(4, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+        t = torch.rand(2, 8 // S)
+        with torch.no_grad():
+            den = model(x0, x0, t, return_logits=True).logits
+            ar, _ = model.context_forward(x0, return_logits=True)
+        keep = torch.ones(64, dtype=torch.bool)
+        keep[MASK] = False  # SUBS removes the mask token from the denoiser's vocabulary
+        assert (den[..., keep] - ar[..., keep]).abs().max().item() <= 1e-5, pattern
+
+
+def test_adaln_modulates_the_normed_input(megatron_world1):
+    """adaLN order: the mixer sees (1 + scale) * rmsnorm(x) + shift, and the gate scales its output."""
+    cfg, model = tiny("-", 4)
+    layer = model.denoiser_tower.layers[0]
+    seen = {}
+    layer.mixer.register_forward_hook(lambda m, args, out: seen.update(inp=args[0], out=out[0]))
+    x = torch.randn(4, 2, 32)
+    from twotower.model.adaln import Modulation
+
+    shift, scale, gate = torch.randn(3, 1, 1, 32).unbind(0)
+    y, _ = layer(x, modulation=Modulation(shift, scale, gate))
+    assert torch.allclose(seen["inp"], layer.norm(x) * (1 + scale) + shift, atol=1e-6)
+    assert torch.allclose(y, x + (1 + gate) * seen["out"], atol=1e-6)
+
+
+def test_adaln_starts_as_identity_and_is_small_at_scale():
+    from twotower.model.adaln import AdaLNSingle
+
+    a = AdaLNSingle(hidden_size=2688, num_layers=52)
+    n = sum(p.numel() for p in a.parameters())
+    assert 1.3e6 < n < 1.7e6  # "about 1.5M extra parameters at full scale"
+    mod = a.for_layer(a.per_token(torch.rand(2, 3), 4), 5)
+    assert mod.shift.abs().max() == 0 and mod.scale.abs().max() == 0 and mod.gate.abs().max() == 0
+
+
+def test_one_step_leaves_context_tower_bit_identical(megatron_world1):
+    cfg, model = tiny("M*E-", 4)
+    before = {k: v.clone() for k, v in model.context_tower.state_dict().items() if "extra_state" not in k}
+    den_before = {k: v.clone() for k, v in model.denoiser_tower.state_dict().items() if "extra_state" not in k}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x0, xt, t, masked = batch(cfg, 2, 16, 4)
+    (model(x0, xt, t).ce * masked).sum().backward()
+    opt.step()
+    after = model.context_tower.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    changed = [k for k, v in model.denoiser_tower.state_dict().items() if k in den_before
+               and not torch.equal(v, den_before[k])]
+    assert len(changed) > len(den_before) // 2
+    assert all(not p.requires_grad for p in model.context_tower.parameters())
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(L=18), "sequence length 18 is not a multiple of twotower.block_size=4"),
+    (dict(S=32), "twotower.block_size=32 is larger than the sequence length 16"),
+])
+def test_bad_shapes_are_named(megatron_world1, kw, msg):
+    cfg, model = tiny("M-", kw.get("S", 4))
+    L = kw.get("L", 16)
+    x0 = torch.randint(4, 64, (1, L))
+    with pytest.raises(ConfigError, match=msg):
+        model(x0, x0, torch.rand(1, max(L // kw.get("S", 4), 1)))
+
+
+def test_mask_token_outside_vocab(megatron_world1):
+    with pytest.raises(ConfigError, match="twotower.mask_token_id=64 is outside the vocabulary"):
+        build_two_tower(BackboneConfig(pattern="M", vocab_size=64), PAR, TwoTowerConfig(mask_token_id=64))
