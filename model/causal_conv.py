@@ -48,10 +48,13 @@ def _padded_input(x: Tensor, k: int, initial_state: Tensor | None) -> Tensor:
 
 def _conv_torch(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None,
                 initial_state: Tensor | None) -> Tensor:
-    xp = _padded_input(x, weight.shape[1], initial_state)
-    y = F.conv1d(xp, weight.unsqueeze(1).to(x.dtype), bias.to(x.dtype) if bias is not None else None,
+    # Compute in the wider of (input, weight) dtypes, like HF's NemotronH path and the CUDA kernel
+    # (which accumulates in fp32), then return the input dtype.
+    cdt = torch.promote_types(x.dtype, weight.dtype)
+    xp = _padded_input(x, weight.shape[1], initial_state).to(cdt)
+    y = F.conv1d(xp, weight.unsqueeze(1).to(cdt), bias.to(cdt) if bias is not None else None,
                  groups=x.shape[1])
-    return _ACTIVATIONS[activation](y)
+    return _ACTIVATIONS[activation](y).to(x.dtype)
 
 
 def _conv_cuda(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None,
@@ -63,9 +66,9 @@ def _conv_cuda(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str |
         # initial_states.stride(1) == 1): materialise (b, l, d) memory, view it as (b, d, l).
         x = x.transpose(1, 2).contiguous().transpose(1, 2)
         initial_state = initial_state.to(x.dtype).transpose(1, 2).contiguous().transpose(1, 2)
-    # Same dtype rule as the torch path (weights cast to the activation dtype).
-    bias = bias.to(x.dtype) if bias is not None else None
-    return causal_conv1d_fn(x, weight.to(x.dtype), bias, initial_states=initial_state, activation=activation)
+    # The kernel takes weights in their own dtype and accumulates in fp32 (same as the torch path).
+    bias = bias.to(weight.dtype) if bias is not None else None
+    return causal_conv1d_fn(x, weight, bias, initial_states=initial_state, activation=activation)
 
 
 @functools.cache
@@ -132,7 +135,8 @@ def causal_conv1d_step(state: Tensor, x_t: Tensor, weight: Tensor, bias: Tensor 
     """One decoding step. state (b, d, k-1); x_t (b, d). Returns (y_t (b, d), new_state (b, d, k-1));
     the state is not modified in place."""
     window = torch.cat([state.to(x_t.dtype), x_t[..., None]], dim=-1)  # (b, d, k)
-    y = (window * weight.to(x_t.dtype)).sum(-1)
+    cdt = torch.promote_types(x_t.dtype, weight.dtype)
+    y = (window.to(cdt) * weight.to(cdt)).sum(-1)
     if bias is not None:
-        y = y + bias.to(x_t.dtype)
-    return _ACTIVATIONS[activation](y), window[..., 1:]
+        y = y + bias.to(cdt)
+    return _ACTIVATIONS[activation](y).to(x_t.dtype), window[..., 1:]

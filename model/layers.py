@@ -79,6 +79,15 @@ class HybridLayer(MegatronModule):
         if symbol in "M*E":
             kwargs["layer_number"] = layer_number
         self.mixer = build_module(spec, **kwargs)
+        if symbol == "E":
+            # megatron marks expert weights ``allreduce=False`` (reduced over the expert-data-
+            # parallel group) only when EP > 1. With EP == 1 and TP > 1 (experts not TP-split)
+            # every TP rank routes its own sequence shard through full expert copies, so their
+            # gradients must still be summed over the expert-DP group, which contains the TP
+            # ranks; treated as dense they would be reduced over DP only and silently stay
+            # partial. DDP scales expert grads by 1/dp, so this is exact in every layout.
+            for p in self.mixer.experts.parameters():
+                p.allreduce = False
 
     def forward(self, x: torch.Tensor, modulation: Modulation | None = None,
                 **mixer_kwargs) -> tuple[torch.Tensor, object]:

@@ -1,11 +1,11 @@
 """CPU runtime layer for megatron-core: run megatron 0.16.x on a CPU-only torch build with gloo.
 
-Call :func:`apply` **before megatron is imported** (``import twotower.model`` does it for you, as
-``model/__init__.py`` calls it). Several patches replace functions that megatron modules bind at
-import time (``from torch.cuda import _lazy_call``), or that must be in place when megatron's
-module-level code runs; ``apply()`` then imports the megatron modules it fixes itself. ``apply()`` is
-idempotent; calling it after megatron was imported still patches everything that is looked up at call
-time (all patches below are), but the supported order is "apply first".
+Call :func:`apply` **before megatron is imported** (``import twotower.model`` does it for you:
+``model/__init__.py`` calls it). Megatron binds some torch names at import time (e.g.
+``from torch.cuda import _lazy_call`` in ``tensor_parallel.random``) and runs CUDA probes in module
+code, so the supported order is "apply first"; ``apply()`` then imports the megatron modules it fixes
+itself (importing ``twotower.model`` therefore imports megatron, ~4 s). All current patches are looked
+up at call time, so a late ``apply()`` still works, but do not rely on it. ``apply()`` is idempotent.
 
 Two kinds of patches:
 
@@ -17,13 +17,16 @@ calls land on the CPU device.
 2. CUDA streams/events: ``torch.cuda.Stream/Event/current_stream/default_stream/stream/synchronize``
    become no-op stand-ins (CPU ops are synchronous): the MoE alltoall dispatcher's DtoH stream,
    pipeline p2p and checkpoint save call them unconditionally.
-3. ``device='cuda'`` literals: the torch tensor factories (``torch.tensor/zeros/ones/empty/full/...``)
-   and ``Tensor.cuda/.to/.new_*`` map a CUDA device to the CPU and drop ``pin_memory`` (no pinned
-   allocator without an accelerator). ~40 literals in megatron (schedules' ``total_num_tokens``,
-   optimizer ``found_inf``, clip_grads, grad-buffer warmup...). We wrap the ~20 functions instead of
-   installing a ``TorchFunctionMode``: a mode costs ~10% on every op and is thread-local (the
-   checkpoint writer threads would miss it). The wrappers are registered as TorchScript builtins so
-   ``torch.jit.script`` still compiles code calling them.
+3. ``device='cuda'`` literals: the torch tensor factories (``torch.tensor/zeros/ones/empty/full/
+   arange/...``) map a CUDA ``device=`` to the CPU and drop ``pin_memory`` (no pinned allocator
+   without an accelerator); ``Tensor.cuda()`` returns the tensor itself. ~40 literals in megatron
+   (schedules' ``total_num_tokens``, optimizer ``found_inf``, clip_grads, grad-buffer warmup,
+   ``broadcast_data``...). We wrap these functions instead of installing a ``TorchFunctionMode``: a
+   mode costs ~10% on every op and is thread-local. The wrappers are registered as TorchScript
+   builtins (``torch.jit.script`` still compiles code calling them) and are traceable by dynamo.
+   ``Tensor.to('cuda')`` / ``.new_*(device='cuda')`` are NOT patched: megatron 0.16 only uses
+   ``.to(torch.cuda.current_device())`` (-> CPU via patch 1); a ``.to`` wrapper would break
+   ``torch.compile(fullgraph=True)`` (dynamo cannot call ``TensorBase.to`` as a function).
 4. ``Tensor.type()`` (no argument) reports CPU tensors as ``torch.cuda.<T>Tensor``: megatron's
    optimizers and ``clip_grads`` compare against ``'torch.cuda.FloatTensor'`` strings and raise
    otherwise. ``Tensor.type(dtype)`` (a conversion) is untouched.
@@ -40,15 +43,24 @@ Megatron bug fixes (applied on CUDA too; guarded by megatron version, see ``_BUG
 7. ``te_general_gemm`` unbound: ``moe_utils`` imports it only inside ``try: import transformer_engine``
    but ``RouterGatingLinearFunction.forward`` tests ``te_general_gemm is not None`` unconditionally,
    a ``NameError`` in the MoE router without TE. We define it as ``None`` when missing.
-8. ``DistributedOptimizer`` + torch Adam (no apex/TE, e.g. CPU; also any GPU run without TE's FusedAdam):
+8. ``DistributedOptimizer`` + torch Adam (no apex/TE FusedAdam: CPU, or a GPU run without TE), found
+   by save -> load -> continue != uninterrupted training (tests/model/dist/distopt_resume.py):
    (a) ``load_state_dict`` puts ONE ``step`` tensor object into every param's state; torch Adam
-   increments ``state['step']`` in place per param, so after a resume the step advances by
-   #params per iteration and Adam's bias correction is silently wrong. We give each param its own
-   copy. (b) ``state_dict()`` reads ``s['step']`` of every state: ``KeyError: 'step'`` when the torch
-   optimizer state is not initialised yet (e.g. saving/loading before the first step). Loading a
-   dist checkpoint needs initialised states: call :func:`init_optimizer_states` (a wrapper around
-   megatron's ``_init_optimizer_states_with_dummy_values``) on a fresh optimizer before
-   ``optimizer.sharded_state_dict(...)`` for loading.
+   increments ``state['step']`` in place per param, so after a resume the step advances by #params
+   per iteration and Adam's bias correction is silently wrong (``fully_reshardable``);
+   (b) with ``dp_reshardable`` it then ``copy_()``s each param's *dummy* step (step is not stored in
+   the checkpoint) into that tensor: the step restarts at 0 (or 1);
+   (c) ``_set_main_param_and_optimizer_states`` copies every key of the live torch state, but the
+   ``fully_reshardable``/``fully_sharded_model_space`` loaders drop ``step``: ``KeyError: 'step'``;
+   (d) the ``dp_reshardable`` loader lacks ``@torch.no_grad()``: for fp32 params the main param is a
+   view of a leaf requiring grad and ``copy_()`` raises;
+   (e) ``state_dict()`` (called by ``sharded_state_dict(is_loading=True)``) needs initialised torch
+   states (``assert len(steps) == 1``) on a fresh optimizer; we initialise them (zero state, step 0,
+   weights untouched), see :func:`init_optimizer_states`.
+   Fix: every param gets its own ``step`` tensor = the checkpoint's ``param_groups`` step, plus (c)-(e).
+   Works with ``metadata={'distrib_optim_sharding_type': 'dp_reshardable' | 'fully_reshardable'}``;
+   megatron's default ``fully_sharded_model_space`` fails in megatron itself on this version
+   ("ShardedTensor.flattened_range is not supported"), pass one of the two explicitly.
 
 Every patch asserts the attribute it replaces exists, so a torch / megatron upgrade fails loudly.
 """
@@ -63,13 +75,24 @@ from typing import Any
 
 import torch
 
-__all__ = ["CPU_ONLY", "applied_patches", "apply", "init_optimizer_states", "init_parallel"]
+__all__ = [
+    "CPU_ONLY",
+    "CpuEvent",
+    "CpuStream",
+    "applied_patches",
+    "apply",
+    "destroy_parallel",
+    "free_port",
+    "init_optimizer_states",
+    "init_parallel",
+]
 
 CPU_ONLY = not torch.cuda.is_available()
-#: megatron-core versions whose bugs (patches 7, 8) were verified; other versions raise in apply().
+#: megatron-core versions every patch was verified on; apply() raises on others (fail loudly).
 _BUGFIX_MCORE = ("0.16.",)
 
 _APPLIED: list[str] = []
+_ENV_SET: dict[str, str | None] = {}  # env vars init_parallel() set (restored by destroy_parallel)
 _ORIG: dict[str, Any] = {}
 _CPU = torch.device("cpu")
 
@@ -81,7 +104,9 @@ def applied_patches() -> list[str]:
 
 def _replace(owner: Any, name: str, new: Any, key: str | None = None) -> None:
     """Set ``owner.name = new`` after asserting ``owner.name`` exists; keep the original."""
-    assert hasattr(owner, name), f"megatron_cpu: {owner!r} has no attribute {name!r} (torch/megatron upgrade?)"
+    assert hasattr(owner, name), (
+        f"megatron_cpu: {owner!r} has no attribute {name!r} (torch/megatron upgrade?)"
+    )
     _ORIG[key or f"{getattr(owner, '__name__', owner)}.{name}"] = getattr(owner, name)
     setattr(owner, name, new)
 
@@ -189,7 +214,6 @@ _FACTORIES = (
     "eye", "rand", "randn", "randint", "randperm", "empty_strided", "zeros_like", "ones_like",
     "empty_like", "full_like", "rand_like", "randn_like", "randint_like",
 )  # fmt: skip
-_NEW_METHODS = ("new_tensor", "new_empty", "new_zeros", "new_ones", "new_full")
 
 
 def _wrap_factory(fn: Any) -> Any:
@@ -204,17 +228,11 @@ def _wrap_factory(fn: Any) -> Any:
     return wrapper
 
 
-def _tensor_to(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    if args and not isinstance(args[0], (torch.dtype, torch.Tensor)):
-        args = (_to_cpu_device(args[0]), *args[1:])
-    if "device" in kwargs:
-        kwargs["device"] = _to_cpu_device(kwargs["device"])
-    return _ORIG["Tensor.to"](self, *args, **kwargs)
-
-
-def _tensor_cuda(self: torch.Tensor, device: Any = None, non_blocking: bool = False, **kwargs: Any):
-    memory_format = kwargs.get("memory_format", torch.preserve_format)
-    return _ORIG["Tensor.to"](self, _CPU, non_blocking=non_blocking, memory_format=memory_format)
+def _tensor_cuda(self: torch.Tensor, device: Any = None, non_blocking: bool = False, memory_format=None):
+    # like .cuda() on a tensor already on the device: no copy. Pure python so dynamo can trace it.
+    if memory_format is None or memory_format is torch.preserve_format:
+        return self
+    return self.contiguous(memory_format=memory_format)
 
 
 def _patch_device_literals() -> None:
@@ -227,9 +245,6 @@ def _patch_device_literals() -> None:
         op = _builtins._find_builtin(orig)
         if op is not None:  # keep torch.jit.script working on code calling the factory
             _builtins._register_builtin(wrapper, op)
-    for name in _NEW_METHODS:
-        _replace(torch.Tensor, name, _wrap_factory(getattr(torch.Tensor, name)), key=f"Tensor.{name}")
-    _replace(torch.Tensor, "to", _tensor_to, key="Tensor.to")
     _replace(torch.Tensor, "cuda", _tensor_cuda, key="Tensor.cuda")
     _APPLIED.append("device_literals")
 
@@ -244,6 +259,8 @@ def _tensor_type(self: torch.Tensor, dtype: Any = None, non_blocking: bool = Fal
         if self.device.type == "cpu" and name.startswith("torch.") and not name.startswith("torch.cuda."):
             return "torch.cuda." + name[len("torch.") :]
         return name
+    if isinstance(dtype, torch.dtype) and not kwargs:
+        return self.to(dtype, non_blocking=non_blocking)  # same result, and traceable by dynamo
     return orig(self, dtype, non_blocking, **kwargs)
 
 
@@ -297,7 +314,9 @@ def _patch_all_to_all() -> None:
     orig_forward = fn.forward
 
     def forward(ctx, group, input, output_split_sizes, input_split_sizes):
-        return orig_forward(ctx, group, input, _as_split_list(output_split_sizes), _as_split_list(input_split_sizes))
+        return orig_forward(
+            ctx, group, input, _as_split_list(output_split_sizes), _as_split_list(input_split_sizes)
+        )
 
     _replace(fn, "forward", staticmethod(forward), key="mcore._AllToAll.forward")
     _APPLIED.append("all_to_all_splits")
@@ -349,9 +368,10 @@ def _fix_distopt_step() -> None:
 
     @functools.wraps(orig_state)
     def state_dict(self):
-        inner = self.optimizer
-        if any("step" not in s for s in inner.state.values()) or not inner.state:
-            init_optimizer_states(self)  # states must exist for megatron's 'step' extraction
+        # (e) megatron reads s['step'] of every torch state and asserts there is exactly one value.
+        states = self.optimizer.state
+        if not states or any("step" not in s for s in states.values()):
+            init_optimizer_states(self)
         return orig_state(self)
 
     orig_set = cls._set_main_param_and_optimizer_states
@@ -371,43 +391,46 @@ def _fix_distopt_step() -> None:
         with torch.no_grad():
             return orig_set(self, model_param, tensors)
 
-    _replace(cls, "_set_main_param_and_optimizer_states", _set_main_param_and_optimizer_states,
-             key="mcore.DistributedOptimizer._set_main_param_and_optimizer_states")
+    _replace(
+        cls,
+        "_set_main_param_and_optimizer_states",
+        _set_main_param_and_optimizer_states,
+        key="mcore.DistributedOptimizer._set_main_param_and_optimizer_states",
+    )
     _replace(cls, "load_state_dict", load_state_dict, key="mcore.DistributedOptimizer.load_state_dict")
     _replace(cls, "state_dict", state_dict, key="mcore.DistributedOptimizer.state_dict")
     _APPLIED.append("distopt_step")
 
 
 def init_optimizer_states(optimizer: Any) -> None:
-    """Initialise a (fresh) DistributedOptimizer's torch-Adam states with zeros / step 0.
+    """Initialise a fresh DistributedOptimizer's torch-Adam states: zero moments, step 0.
 
-    Needed before ``optimizer.sharded_state_dict(model_sd, is_loading=True)`` when loading a dist
-    checkpoint with torch Adam (no apex/TE): megatron's load fills the states in place. The dummy
-    Adam step runs on zero grads; weights are untouched only because megatron's copy of main params
-    back to the model happens in ``optimizer.step()``, which this does not call; the states' ``step``
-    is reset to 0 and ``exp_avg*`` to 0 afterwards.
+    Loading a dist checkpoint with torch Adam needs the states to exist (megatron fills them in place).
+    The patched ``DistributedOptimizer.state_dict()`` calls this by itself when the states are empty,
+    so ``optimizer.sharded_state_dict(model_sd, is_loading=True, ...)`` on a fresh optimizer just works;
+    calling it explicitly is harmless. Uses megatron's ``_init_optimizer_states_with_dummy_values``
+    (one Adam step on zero grads) and undoes its effects: restores the main params (weight decay
+    moved them) and zeroes every state tensor, with one ``step`` tensor per param.
     """
     assert hasattr(optimizer, "_init_optimizer_states_with_dummy_values"), "megatron_cpu: megatron API gone"
     inner = optimizer.optimizer
-    saved = [p.detach().clone() for g in inner.param_groups for p in g["params"]]
-    optimizer._init_optimizer_states_with_dummy_values()
     params = [p for g in inner.param_groups for p in g["params"]]
+    saved = [p.detach().clone() for p in params]
+    optimizer._init_optimizer_states_with_dummy_values()
     with torch.no_grad():
         for p, s in zip(params, saved):
-            p.copy_(s)  # weight decay would have moved the main params
+            p.copy_(s)
     for state in inner.state.values():
-        for k, v in state.items():
+        for k, v in list(state.items()):
             if isinstance(v, torch.Tensor):
-                v.zero_()
-            if k == "step" and isinstance(v, torch.Tensor):
-                state[k] = v.detach().clone()
+                state[k] = torch.zeros_like(v) if k == "step" else v.zero_()
 
 
 # --------------------------------------------------------------------------------------------------
 def _mcore_version() -> str:
-    from megatron.core import package_info
+    from importlib.metadata import version  # no megatron import: apply() must run before it
 
-    return package_info.__version__
+    return version("megatron-core")
 
 
 def apply() -> list[str]:
@@ -418,6 +441,12 @@ def apply() -> list[str]:
     """
     if _APPLIED:
         return applied_patches()
+    version = _mcore_version()
+    if not version.startswith(_BUGFIX_MCORE):
+        raise RuntimeError(
+            f"megatron_cpu: megatron-core {version} not verified (written for {_BUGFIX_MCORE}); re-run "
+            "tests/model/test_megatron_cpu.py, re-check every patch, then extend _BUGFIX_MCORE"
+        )
     if CPU_ONLY:
         _patch_current_device()
         _patch_streams()
@@ -426,12 +455,6 @@ def apply() -> list[str]:
         _patch_torch_rng()
         _patch_megatron_rng()
         _patch_all_to_all()
-    version = _mcore_version()
-    if not version.startswith(_BUGFIX_MCORE):
-        raise RuntimeError(
-            f"megatron_cpu: megatron-core {version} not verified (fixes written for {_BUGFIX_MCORE}); "
-            "re-check te_general_gemm and DistributedOptimizer 'step' handling, then extend _BUGFIX_MCORE"
-        )
     _fix_te_general_gemm()
     _fix_distopt_step()
     if not _APPLIED:
@@ -454,15 +477,19 @@ def init_parallel(tp: int = 1, ep: int = 1, pp: int = 1, seed: int = 1234, timeo
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     if not torch.distributed.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
+        if "RANK" not in os.environ:  # not under torchrun: a 1-process world on a fresh port
+            env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+            env["MASTER_PORT"] = str(free_port())
+            _ENV_SET.update({k: os.environ.get(k) for k in env})
+            os.environ.update(env)
         backend = "gloo" if CPU_ONLY else "nccl"
         if not CPU_ONLY:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
         # Experts are not tensor-parallel (Nemotron-H: ETP=1); must match TransformerConfig.
         expert_tensor_parallel_size=1,
     )
@@ -476,6 +503,12 @@ def destroy_parallel() -> None:
     parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    for k, v in _ENV_SET.items():  # undo the env init_parallel() set for a 1-process world
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    _ENV_SET.clear()
 
 
 def free_port() -> int:

@@ -21,9 +21,11 @@ Unrolled, ``y = M (dt' x)`` with the semiseparable matrix ``M_ij = C_i.B_j exp(s
 4. state -> output ("off-diagonal blocks"): ``Y_off_i = exp(a_cum_i) C_i S_{c-1}``.
 
 The states ``S_c`` of step 3 are exactly the states at chunk boundaries, so ``state_every=S``
-is served by choosing the chunk length ``q | S``: the boundary states are a strided slice of the
-inter-chunk recurrence, no extra pass. A smaller ``q`` is also *cheaper* for the quadratic
-intra-chunk term, so ``S < chunk_size`` costs nothing extra. Everything is plain autograd.
+is served by the chunking (see ``_plan``): for ``S >= chunk_size`` the chunk length divides ``S``
+and the boundary states are a strided slice of the inter-chunk recurrence; for ``S < chunk_size``
+the chunk length is a multiple of ``S`` and the same recurrence is run one level down (sub-block
+local states, seeded with each chunk's start state, all chunks batched). No Python loop over time
+or chunks anywhere; everything is plain autograd.
 
 Backends: ``torch`` (always) and ``mamba_ssm`` (Triton ``mamba_chunk_scan_combined``; CUDA only).
 The fused kernel only exposes the final state, so with that backend the boundary states come from
@@ -197,7 +199,7 @@ def _sub_block_states(xdt: Tensor, a: Tensor, B: Tensor, S: int, q: int, ends: T
     n = B.shape[-1]
     U, a_tot = _local_states(xdt, a, B, S)  # (b, L/S, h, p, n), (b, L/S, h)
     first = init[:, None] if init is not None else torch.zeros_like(ends[:, :1])
-    starts = torch.cat([torch.zeros_like(first), ends[:, :-1]], dim=1).reshape(-1, h, p, n)  # (b c, h, p, n)
+    starts = torch.cat([first, ends[:, :-1]], dim=1).reshape(-1, h, p, n)  # (b c, h, p, n)
     m = q // S  # sub-blocks per chunk; chunks fold into the batch dimension
     out = _state_scan(a_tot.reshape(-1, m, h), U.reshape(-1, m, h, p, n), starts)
     return out.reshape(b, L // S, h, p, n)

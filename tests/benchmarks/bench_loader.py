@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from twotower.data.config import DataConfig
 from twotower.data.loader import TokenLoader
 from twotower.data.shards import FORMAT, AtomicShardWriter, write_manifest
@@ -49,12 +48,17 @@ def numpy_read(out: Path) -> float:
     return time.perf_counter() - t
 
 
-def loader_read(out: Path, seq_len: int, vocab: int, workers: int, batch: int) -> tuple[float, int]:
+def loader_read(out: Path, seq_len: int, vocab: int, workers: int, batch: int) -> tuple[float, float, int]:
+    """(total seconds, steady-state seconds after the first batch, tokens); startup = worker fork + imports."""
     cfg = DataConfig(train=[{"path": str(out)}], seq_len=seq_len, num_workers=workers, shuffle_buffer=1024,
                      vocab_size=vocab, prefetch_factor=4)
     t = time.perf_counter()
-    n = sum(b["tokens"].numel() for b in TokenLoader(cfg, 0, 1, batch, one_pass=True))
-    return time.perf_counter() - t, n
+    it = iter(TokenLoader(cfg, 0, 1, batch, one_pass=True))
+    n = next(it)["tokens"].numel()
+    t1, n1 = time.perf_counter(), n
+    n += sum(b["tokens"].numel() for b in it)
+    end = time.perf_counter()
+    return end - t, (end - t1) * n / (n - n1), n
 
 
 def main() -> None:
@@ -76,11 +80,12 @@ def main() -> None:
         print(f"dataset: {tokens:,} tokens, seq_len {args.seq_len}, {args.shards} shards")
         print(f"numpy sequential read: {tokens / t_np:,.0f} tokens/s")
         for w in args.workers:
-            t_l, n = loader_read(out, args.seq_len, args.vocab, w, args.batch)
+            t_l, t_steady, n = loader_read(out, args.seq_len, args.vocab, w, args.batch)
             assert n == tokens, (n, tokens)
-            rate = tokens / t_l
-            print(f"loader num_workers={w}: {rate:,.0f} tokens/s = {rate / (tokens / t_np):.2f}x numpy, "
-                  f"{rate / args.train_tokens_per_s:,.0f}x a training rank's {args.train_tokens_per_s:,.0f} tokens/s")
+            rate, steady = tokens / t_l, tokens / t_steady
+            print(f"loader num_workers={w}: {rate:,.0f} tokens/s incl. startup = {rate / (tokens / t_np):.2f}x numpy; "
+                  f"steady state {steady:,.0f} tokens/s = {steady / (tokens / t_np):.2f}x numpy, "
+                  f"{steady / args.train_tokens_per_s:,.0f}x a training rank's {args.train_tokens_per_s:,.0f} tokens/s")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-
 from twotower.data.shards import FORMAT, write_manifest
 from twotower.data.tokenize import tokenize_corpus
 

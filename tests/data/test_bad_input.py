@@ -8,7 +8,6 @@ import logging
 import numpy as np
 import pytest
 from conftest import make_docs, npy_bytes, tokenized, write_jsonl, write_raw_dataset
-
 from twotower.data.config import DataConfig
 from twotower.data.loader import TokenLoader
 from twotower.data.shards import BadSampleError
@@ -56,16 +55,50 @@ def test_skip_mode_logs_every_skipped_sample(tmp_path, caplog):
     assert len(msgs) == 2 and "#1" in msgs[0] and "'bad'" in msgs[0] and "#2" in msgs[1] and "'bad2'" in msgs[1]
 
 
-def test_truncated_and_corrupt_tar(tmp_path):
+def _drop_index(d):
+    """Make the loader use webdataset's streaming tar reader (as for shards written by other tools)."""
+    man = json.loads((d / "manifest.json").read_text())
+    for shard in man["splits"]["train"]["shards"]:
+        shard.pop("index")
+    (d / "manifest.json").write_text(json.dumps(man))
+
+
+@pytest.mark.parametrize("indexed", [True, False])
+def test_truncated_and_corrupt_tar(tmp_path, indexed):
     d = tokenized(tmp_path, "t", make_docs(60, "t"), seq_len=L, shard_samples=1000)
+    if not indexed:
+        _drop_index(d)
     shard = d / "train-000000.tar"
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
-    with pytest.raises(BadSampleError, match="train-000000.tar"):
+    msg = "truncated or modified" if indexed else "(unreadable tar after key 'train-|ended after)"
+    with pytest.raises(BadSampleError, match=f"train-000000.tar.*{msg}"):
         list(loader(d, vocab_size=None))
     shard.write_bytes(b"\x00garbage" * 100)
-    with pytest.raises(BadSampleError, match="train-000000.tar: (unreadable tar|ended after 0)"):
+    with pytest.raises(BadSampleError, match="train-000000.tar"):
         list(loader(d, vocab_size=None))
+
+
+def test_corrupt_bytes_inside_indexed_shard_name_the_key(tmp_path):
+    d = tokenized(tmp_path, "t", make_docs(20, "t"), seq_len=L, shard_samples=1000)
+    shard = d / "train-000000.tar"
+    with np.load(d / "train-000000.idx.npz") as z:
+        off = int(z["tokens"][5][0])
+    data = bytearray(shard.read_bytes())
+    data[off : off + 6] = b"XXXXXX"  # same size, broken .npy magic of sample 5
+    shard.write_bytes(bytes(data))
+    with pytest.raises(BadSampleError, match=r"train-000000.tar key 'train-000000005' tokens.npy: not a valid"):
+        list(loader(d, vocab_size=None))
+
+
+def test_indexed_and_webdataset_readers_agree(tmp_path):
+    d = tokenized(tmp_path, "t", make_docs(50, "t"), seq_len=L, shard_samples=100, store_boundaries=True)
+    fast = [(b["tokens"], b["loss_mask"], b["doc_ids"]) for b in loader(d, shuffle_buffer=7)]
+    _drop_index(d)
+    slow = [(b["tokens"], b["loss_mask"], b["doc_ids"]) for b in loader(d, shuffle_buffer=7)]
+    assert len(fast) == len(slow) > 100
+    for a, b in zip(fast, slow):
+        assert all(x.equal(y) for x, y in zip(a, b))
 
 
 def test_shard_with_fewer_samples_than_manifest(tmp_path):

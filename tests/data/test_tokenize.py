@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from conftest import make_docs, write_jsonl
-
 from twotower.data.shards import AtomicShardWriter
 from twotower.data.tokenize import main, tokenize_corpus
 from twotower.data.tokenizers import ByteTokenizer

@@ -110,3 +110,14 @@ def test_causal_conv1d_backend_matches_torch(use_init):
     torch.testing.assert_close(o_c.boundary_states, o_t.boundary_states)
     for a, b in zip(g_c[: 4 if use_init else 3], g_t):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
+def test_low_precision_input_computes_in_weight_dtype():
+    x, w, bias, init = make(l=12)
+    out = causal_conv1d(x.bfloat16(), w, bias, initial_state=init.bfloat16(), return_final_state=True,
+                        backend="torch")
+    ref = naive_conv(x.bfloat16().float(), w, bias, "silu", init.bfloat16().float())
+    assert out.y.dtype == torch.bfloat16 and out.final_state.dtype == torch.bfloat16
+    torch.testing.assert_close(out.y, ref.bfloat16())
+    y_t, _ = causal_conv1d_step(init.bfloat16(), x[..., 0].bfloat16(), w, bias)
+    torch.testing.assert_close(y_t, out.y[..., 0])

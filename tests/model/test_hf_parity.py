@@ -9,11 +9,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import TINY_CONFIGS, hf_logits, tiny_hf_model  # noqa: E402
-
-from twotower.model.backbone import build_backbone  # noqa: E402
-from twotower.model.config import BackboneConfig, ParallelConfig  # noqa: E402
-from twotower.model.hf_import import CheckpointKeyError, load_hf_backbone  # noqa: E402
+from hf_tiny import TINY_CONFIGS, hf_logits, tiny_hf_model
+from twotower.model.backbone import build_backbone
+from twotower.model.config import BackboneConfig, ParallelConfig
+from twotower.model.hf_import import CheckpointKeyError, load_hf_backbone
 
 TOL = 1e-4
 

@@ -7,7 +7,6 @@ import re
 
 import pytest
 import torch
-
 from twotower.model import megatron_cpu
 
 pytestmark = pytest.mark.skipif(not megatron_cpu.CPU_ONLY, reason="CPU-only patches (CUDA available)")
@@ -67,22 +66,30 @@ def test_cuda_device_literals_land_on_cpu(device):
     assert torch.tensor([1, 2], dtype=torch.int, device=device).tolist() == [1, 2]
     assert torch.ones(2, 2, device=device, pin_memory=True).sum().item() == 4.0  # pin_memory dropped
     assert torch.arange(4, device=device).tolist() == [0, 1, 2, 3]
+    assert torch.empty(2, dtype=torch.int, device=device).device.type == "cpu"
+    assert torch.zeros_like(torch.randn(2, 3), device=device).device.type == "cpu"
     x = torch.randn(2, 3)
-    assert torch.zeros_like(x, device=device).device.type == "cpu"
-    assert x.new_zeros(5, device=device).shape == (5,)
-    assert x.to(device).device.type == "cpu"
-    assert x.to(device=device, dtype=torch.float64).dtype == torch.float64
     assert x.cuda().device.type == "cpu" and x.cuda(device).device.type == "cpu"
 
 
-def test_tensor_cuda_and_to_keep_values_and_other_conversions():
+def test_tensor_cuda_is_a_noop_on_cpu():
     x = torch.randn(4, 3)
     assert x.cuda() is x  # like .cuda() on a CUDA tensor: no copy
-    assert torch.equal(x.to("cuda", torch.float64), x.double())
-    assert x.to(torch.int32).dtype == torch.int32  # dtype-only conversions untouched
-    assert x.to(torch.zeros(1, dtype=torch.float16)).dtype == torch.float16
+    assert x.cuda(non_blocking=True) is x
+    y = torch.randn(2, 3, 4, 5).cuda(memory_format=torch.channels_last)
+    assert y.is_contiguous(memory_format=torch.channels_last)
     m = torch.nn.Linear(3, 2).cuda()
     assert m.weight.device.type == "cpu"
+
+
+def test_patched_functions_trace_under_torch_compile():
+    def f(x):
+        y = x.type(torch.float64) + torch.zeros(3, device="cuda", dtype=torch.float64)
+        return y.cuda() * torch.ones(3, device=torch.cuda.current_device(), dtype=torch.float64)
+
+    torch._dynamo.reset()
+    out = torch.compile(f, backend="eager", fullgraph=True)(torch.ones(3))
+    assert out.dtype == torch.float64 and out.tolist() == [1.0, 1.0, 1.0]
 
 
 def test_factory_wrappers_still_compile_under_torchscript():
@@ -231,3 +238,19 @@ def test_megatron_world1_fixture(megatron_world1):
     assert ps.get_tensor_model_parallel_world_size() == 1
     assert ps.get_data_parallel_world_size() == 1
     assert ps.get_expert_model_parallel_world_size() == 1
+
+
+def test_init_parallel_without_torchrun_env_is_one_process_and_cleans_up(monkeypatch):
+    import os
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    megatron_cpu.init_parallel(tp=1, seed=3)
+    try:
+        from megatron.core import parallel_state
+
+        assert torch.distributed.get_world_size() == 1 and parallel_state.model_parallel_is_initialized()
+    finally:
+        megatron_cpu.destroy_parallel()
+    assert not torch.distributed.is_initialized()
+    assert "RANK" not in os.environ and "MASTER_PORT" not in os.environ

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from twotower.model.cache import TowerCache
 from twotower.model.config import BackboneConfig, ConfigError, ParallelConfig
 from twotower.model.two_tower import TwoTowerConfig, build_two_tower

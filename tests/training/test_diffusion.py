@@ -7,10 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from twotower.model.config import ConfigError
 from twotower.training.diffusion import (
-    DiffusionConfig, NoiseSchedule, ValidationStats, diffusion_loss, mask_tokens, sample_block_times,
+    DiffusionConfig,
+    NoiseSchedule,
+    ValidationStats,
+    diffusion_loss,
+    mask_tokens,
+    sample_block_times,
     validation_config,
 )
 
