@@ -64,6 +64,8 @@ setup(
     entry_points={
         "console_scripts": [
             "twotower-tokenize=twotower.data.tokenize:main",
+            "twotower-train=twotower.training.train:main",
+            "twotower-plan=twotower.training.planner:main",
             "twotower-demo=twotower.training.demo:main",
         ]
     },

@@ -68,7 +68,9 @@ class DataConfig:
             raise ValueError("DataConfig.train is empty: give at least one {path: DIR, weight: 1.0}")
         for i, d in enumerate(self.train):
             if not d.path or d.path == "???":
-                raise ValueError(f"DataConfig.train[{i}].path is not set: point it to a twotower-tokenize output")
+                raise ValueError(
+                    f"DataConfig.train[{i}].path is not set: point it to a twotower-tokenize output"
+                )
             if not d.weight > 0:
                 raise ValueError(f"DataConfig.train[{i}] ({d.path}): weight must be > 0, got {d.weight}")
         if self.seq_len < 1:
@@ -76,11 +78,15 @@ class DataConfig:
         if self.num_workers < 0:
             raise ValueError(f"DataConfig.num_workers must be >= 0, got {self.num_workers}")
         if self.shuffle_buffer < 1:
-            raise ValueError(f"DataConfig.shuffle_buffer must be >= 1 (1 = no shuffling), got {self.shuffle_buffer}")
+            raise ValueError(
+                f"DataConfig.shuffle_buffer must be >= 1 (1 = no shuffling), got {self.shuffle_buffer}"
+            )
         if self.vocab_size is not None and self.vocab_size < 1:
             raise ValueError(f"DataConfig.vocab_size must be >= 1 or null, got {self.vocab_size}")
         if self.on_bad_sample not in ON_BAD_SAMPLE:
-            raise ValueError(f"DataConfig.on_bad_sample={self.on_bad_sample!r}; choose one of {ON_BAD_SAMPLE}")
+            raise ValueError(
+                f"DataConfig.on_bad_sample={self.on_bad_sample!r}; choose one of {ON_BAD_SAMPLE}"
+            )
         if self.on_dp_change not in ON_DP_CHANGE:
             raise ValueError(f"DataConfig.on_dp_change={self.on_dp_change!r}; choose one of {ON_DP_CHANGE}")
         if self.prefetch_factor < 1:

@@ -42,7 +42,9 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path]:
             raise FileNotFoundError(f"input {spec!r}: no such file, directory or glob match")
         for m in matches:
             if m.is_file() and m.suffix not in SUFFIXES:
-                raise ValueError(f"input file {m}: unsupported suffix {m.suffix!r}; expected one of {SUFFIXES}")
+                raise ValueError(
+                    f"input file {m}: unsupported suffix {m.suffix!r}; expected one of {SUFFIXES}"
+                )
             if m.is_file():
                 files.append(m)
     # sorted + unique: the output must not depend on argument order or shell glob order
@@ -76,7 +78,9 @@ def iter_documents(path: Path, text_key: str = "text") -> Iterator[tuple[int, st
 
         pf = pq.ParquetFile(path)
         if text_key not in pf.schema_arrow.names:
-            raise KeyError(f"{path}: parquet file has no column {text_key!r} (columns: {pf.schema_arrow.names})")
+            raise KeyError(
+                f"{path}: parquet file has no column {text_key!r} (columns: {pf.schema_arrow.names})"
+            )
         idx = 0
         for batch in pf.iter_batches(columns=[text_key], batch_size=1024):
             for text in batch.column(0).to_pylist():

@@ -105,8 +105,16 @@ class AtomicShardWriter:
             np.savez(f, **build_index(self._tmp, self._lengths))
         os.replace(index_tmp, self.out_dir / index_name)
         os.replace(self._tmp, final)  # atomic on POSIX: readers see the whole shard or none
-        self.shards.append({"name": self._name, "index": index_name, "samples": self._n, "tokens": self._tokens,
-                            "bytes": size, "sha256": digest})
+        self.shards.append(
+            {
+                "name": self._name,
+                "index": index_name,
+                "samples": self._n,
+                "tokens": self._tokens,
+                "bytes": size,
+                "sha256": digest,
+            }
+        )
         self._writer = None
 
     def close(self) -> list[dict]:
@@ -129,7 +137,9 @@ def build_index(tar_path: Path, lengths: list[int]) -> dict[str, np.ndarray]:
             elif ext == "doc_ids.npy":
                 doc[key] = (m.offset_data, m.size)
     if len(keys) != len(lengths):
-        raise BadSampleError(f"shard {tar_path}: {len(keys)} tokens.npy members but {len(lengths)} samples written")
+        raise BadSampleError(
+            f"shard {tar_path}: {len(keys)} tokens.npy members but {len(lengths)} samples written"
+        )
     return {
         "keys": np.array(keys),
         "tokens": np.array([tok[k] for k in keys], dtype=np.int64).reshape(-1, 2),
@@ -161,7 +171,9 @@ def read_manifest(data_dir: str | Path) -> dict:
     for split, info in manifest["splits"].items():
         for shard in info["shards"]:
             if not (Path(data_dir) / shard["name"]).is_file():
-                raise FileNotFoundError(f"{path}: split {split!r} lists shard {shard['name']} which is missing")
+                raise FileNotFoundError(
+                    f"{path}: split {split!r} lists shard {shard['name']} which is missing"
+                )
     return manifest
 
 
@@ -191,7 +203,9 @@ def decode_sample(sample: dict, seq_len: int, vocab_size: int | None, with_doc_i
     where = f"shard {sample.get('__url__')} key {sample.get('__key__')!r}"
     raw = sample.get("tokens.npy")
     if raw is None:
-        raise BadSampleError(f"{where}: sample has no tokens.npy (has {sorted(k for k in sample if k[:2] != '__')})")
+        raise BadSampleError(
+            f"{where}: sample has no tokens.npy (has {sorted(k for k in sample if k[:2] != '__')})"
+        )
     tokens = _load_npy(raw, f"{where} tokens.npy")
     if tokens.dtype not in TOKEN_DTYPES:
         raise BadSampleError(f"{where}: tokens.npy dtype {tokens.dtype}, expected uint32 or int32")
@@ -238,8 +252,9 @@ def _npy_header(dtype: np.dtype, n: int) -> bytes:
 class IndexedShard:
     """A memory-mapped shard read through its ``.idx.npz``; ``sample(j)`` decodes and validates sample j."""
 
-    def __init__(self, path: str, index: str, samples: int, seq_len: int, vocab_size: int | None,
-                 with_doc_ids: bool):
+    def __init__(
+        self, path: str, index: str, samples: int, seq_len: int, vocab_size: int | None, with_doc_ids: bool
+    ):
         self.path, self.seq_len, self.vocab_size, self.with_doc_ids = path, seq_len, vocab_size, with_doc_ids
         try:
             with np.load(index, allow_pickle=False) as z:
@@ -249,8 +264,10 @@ class IndexedShard:
             raise BadSampleError(f"shard {path}: unreadable index {index} ({exc})") from exc
         size = os.path.getsize(path)
         if size != tar_bytes:
-            raise BadSampleError(f"shard {path}: {size} bytes but {tar_bytes} when indexed; the tar was truncated "
-                                 "or modified after tokenization")
+            raise BadSampleError(
+                f"shard {path}: {size} bytes but {tar_bytes} when indexed; the tar was truncated "
+                "or modified after tokenization"
+            )
         if len(self.keys) != samples:
             raise BadSampleError(f"shard {path}: index lists {len(self.keys)} samples, manifest {samples}")
         # mmap + frombuffer rather than np.memmap: slicing a plain ndarray is ~3x cheaper per sample
@@ -264,8 +281,12 @@ class IndexedShard:
     def _raw(self, j: int) -> dict:
         """Sample j as webdataset would give it (bytes per extension): for precise error messages."""
         off, n = self.tok[j]
-        raw = {"__key__": str(self.keys[j]), "__url__": self.path, "tokens.npy": self.data[off : off + n].tobytes(),
-               "json": json.dumps({"length": int(self.length[j])}).encode()}
+        raw = {
+            "__key__": str(self.keys[j]),
+            "__url__": self.path,
+            "tokens.npy": self.data[off : off + n].tobytes(),
+            "json": json.dumps({"length": int(self.length[j])}).encode(),
+        }
         if self.doc[j][0] >= 0:
             off, n = self.doc[j]
             raw["doc_ids.npy"] = self.data[off : off + n].tobytes()
@@ -274,7 +295,10 @@ class IndexedShard:
     def sample(self, j: int) -> dict:
         off, n = (int(x) for x in self.tok[j])
         for header, dtype in self.headers.items():
-            if n == len(header) + self.seq_len * dtype.itemsize and self.data[off : off + len(header)].tobytes() == header:
+            if (
+                n == len(header) + self.seq_len * dtype.itemsize
+                and self.data[off : off + len(header)].tobytes() == header
+            ):
                 break
         else:  # not the expected dtype/shape: decode the bytes for the exact complaint
             return decode_sample(self._raw(j), self.seq_len, self.vocab_size, self.with_doc_ids)
@@ -284,8 +308,10 @@ class IndexedShard:
             lo = int(tokens.min()) if dtype.kind == "i" else 0
             if hi >= self.vocab_size or lo < 0:
                 bad = hi if hi >= self.vocab_size else lo
-                raise BadSampleError(f"shard {self.path} key {str(self.keys[j])!r}: token id {bad} outside the model "
-                                     f"vocab [0, {self.vocab_size})")
+                raise BadSampleError(
+                    f"shard {self.path} key {str(self.keys[j])!r}: token id {bad} outside the model "
+                    f"vocab [0, {self.vocab_size})"
+                )
         # a read-only view into the page cache; the collate step makes the single int64 copy
         out = {"tokens": tokens, "length": int(self.length[j])}
         if self.with_doc_ids:

@@ -54,7 +54,11 @@ def virtual_shards(shards: list[ShardInfo], n_slots: int, name: str) -> list[VSh
     if not shards:
         raise ValueError(f"dataset {name}: no shards")
     k = -(-n_slots // len(shards)) if len(shards) < n_slots else 1
-    out = [VShard(s.path, p, k, len(range(p, s.samples, k)), s.index, s.samples) for s in shards for p in range(k)]
+    out = [
+        VShard(s.path, p, k, len(range(p, s.samples, k)), s.index, s.samples)
+        for s in shards
+        for p in range(k)
+    ]
     if any(v.samples == 0 for v in out):
         raise ValueError(
             f"dataset {name}: {sum(s.samples for s in shards)} samples in {len(shards)} shards cannot feed "
@@ -62,7 +66,9 @@ def virtual_shards(shards: list[ShardInfo], n_slots: int, name: str) -> list[VSh
             "and smaller shards (--shard-samples)"
         )
     if k > 1:
-        log.info("dataset %s: %d shards < %d slots, each shard is read by %d slots", name, len(shards), n_slots, k)
+        log.info(
+            "dataset %s: %d shards < %d slots, each shard is read by %d slots", name, len(shards), n_slots, k
+        )
     return out
 
 

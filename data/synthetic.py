@@ -67,8 +67,13 @@ def write_demo_corpus(out_dir: str | Path, n_docs: int = 2000, n_files: int = 4,
     return paths
 
 
-def prepare_demo_data(data_dir: str | Path = "runs/demo/data", seq_len: int = 256, n_docs: int = 2000,
-                      workers: int = 1, seed: int = 0) -> Path:
+def prepare_demo_data(
+    data_dir: str | Path = "runs/demo/data",
+    seq_len: int = 256,
+    n_docs: int = 2000,
+    workers: int = 1,
+    seed: int = 0,
+) -> Path:
     """Generate + tokenize (byte tokenizer) the demo corpus into ``data_dir`` unless already there."""
     from twotower.data.shards import MANIFEST
     from twotower.data.tokenize import tokenize_corpus
@@ -78,6 +83,13 @@ def prepare_demo_data(data_dir: str | Path = "runs/demo/data", seq_len: int = 25
         return data_dir
     raw = write_demo_corpus(data_dir / "raw", n_docs=n_docs, seed=seed)
     # small shards so that dp_size x num_workers slots each get their own shard
-    tokenize_corpus([str(p) for p in raw], data_dir, "byte", seq_len, val_ratio=0.05, workers=workers,
-                    samples_per_shard=128)
+    tokenize_corpus(
+        [str(p) for p in raw],
+        data_dir,
+        "byte",
+        seq_len,
+        val_ratio=0.05,
+        workers=workers,
+        samples_per_shard=128,
+    )
     return data_dir

@@ -186,7 +186,7 @@ def tokenize_corpus(
     if (out / MANIFEST).exists() and not overwrite:
         raise FileExistsError(f"{out / MANIFEST} exists; pass --overwrite to replace this dataset")
     out.mkdir(parents=True, exist_ok=True)
-    for stale in list(out.glob("*.tar")) + list(out.glob(".*.tmp")):
+    for stale in [*out.glob("*.tar"), *out.glob("*.idx.npz"), *out.glob(".*.tmp")]:
         stale.unlink()  # only reached for a fresh dir or with --overwrite
 
     tok = load_tokenizer(tokenizer)
@@ -199,7 +199,11 @@ def tokenize_corpus(
 
     packers = {
         split: _Packer(
-            split, AtomicShardWriter(out, split, samples_per_shard), seq_len, tok.eos_id, tok.pad_id,
+            split,
+            AtomicShardWriter(out, split, samples_per_shard),
+            seq_len,
+            tok.eos_id,
+            tok.pad_id,
             store_boundaries,
         )
         for split in ("train", "valid")
@@ -223,14 +227,19 @@ def tokenize_corpus(
             now = time.monotonic()
             if now - last >= progress_every:
                 last = now
-                print(f"[tokenize] {n_docs} docs, {n_tokens} tokens, {n_tokens / (now - t0):,.0f} tokens/s",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[tokenize] {n_docs} docs, {n_tokens} tokens, {n_tokens / (now - t0):,.0f} tokens/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         if pool is not None:
             pool.terminate()
     splits = {name: p.finish() for name, p in packers.items()}
     if splits["train"]["samples"] == 0:
-        raise ValueError(f"inputs {inputs}: no training documents (all went to validation or the corpus is empty)")
+        raise ValueError(
+            f"inputs {inputs}: no training documents (all went to validation or the corpus is empty)"
+        )
     manifest = {
         "format": FORMAT,
         "tokenizer": tok.name,
@@ -247,17 +256,25 @@ def tokenize_corpus(
     }
     write_manifest(out, manifest)
     dt = time.monotonic() - t0
-    print(f"[tokenize] done: {n_docs} docs, {n_tokens} tokens in {dt:.1f}s ({n_tokens / max(dt, 1e-9):,.0f} tokens/s); "
-          f"train {splits['train']['samples']} samples / {len(splits['train']['shards'])} shards, "
-          f"valid {splits['valid']['samples']} samples -> {out}", file=sys.stderr, flush=True)
+    print(
+        f"[tokenize] done: {n_docs} docs, {n_tokens} tokens in {dt:.1f}s ({n_tokens / max(dt, 1e-9):,.0f} tokens/s); "
+        f"train {splits['train']['samples']} samples / {len(splits['train']['shards'])} shards, "
+        f"valid {splits['valid']['samples']} samples -> {out}",
+        file=sys.stderr,
+        flush=True,
+    )
     return manifest
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="twotower-tokenize", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--input", nargs="+", required=True, help="files, directories or globs (.txt/.jsonl/.parquet)")
+    ap.add_argument(
+        "--input", nargs="+", required=True, help="files, directories or globs (.txt/.jsonl/.parquet)"
+    )
     ap.add_argument("--output", required=True, help="output directory for shards and manifest.json")
-    ap.add_argument("--tokenizer", default="byte", help="'byte' or a local tokenizer.json / tokenizer directory")
+    ap.add_argument(
+        "--tokenizer", default="byte", help="'byte' or a local tokenizer.json / tokenizer directory"
+    )
     ap.add_argument("--seq-len", type=int, required=True)
     ap.add_argument("--text-key", default="text", help="JSON field / parquet column holding the text")
     ap.add_argument("--val-ratio", type=float, default=0.0, help="fraction of documents sent to validation")
@@ -265,13 +282,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
     ap.add_argument("--shard-samples", type=int, default=None, help="samples per shard (default ~128 MiB)")
     ap.add_argument("--store-boundaries", action="store_true", help="also store per-token doc_ids.npy")
-    ap.add_argument("--model-vocab-size", type=int, default=None, help="fail if the tokenizer vocab exceeds it")
+    ap.add_argument(
+        "--model-vocab-size", type=int, default=None, help="fail if the tokenizer vocab exceeds it"
+    )
     ap.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --output")
     args = ap.parse_args(argv)
     try:
         tokenize_corpus(
-            args.input, args.output, args.tokenizer, args.seq_len, args.text_key, args.val_ratio,
-            args.val_input, args.workers, args.shard_samples, args.store_boundaries, args.model_vocab_size,
+            args.input,
+            args.output,
+            args.tokenizer,
+            args.seq_len,
+            args.text_key,
+            args.val_ratio,
+            args.val_input,
+            args.workers,
+            args.shard_samples,
+            args.store_boundaries,
+            args.model_vocab_size,
             args.overwrite,
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:

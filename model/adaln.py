@@ -59,13 +59,17 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
 
 class AdaLNSingle(nn.Module):
     def __init__(self, hidden_size: int, num_layers: int, time_dim: int = 128, freq_dim: int = 256,
-                 sequence_parallel: bool = False):
+                 sequence_parallel: bool = False, seed: int = 0):
         super().__init__()
         self.hidden_size, self.freq_dim = hidden_size, freq_dim
         self.fc1 = nn.Linear(freq_dim, time_dim)
         self.fc2 = nn.Linear(time_dim, 3 * hidden_size)
         self.layer_offsets = nn.Parameter(torch.zeros(num_layers, 3 * hidden_size))
-        nn.init.normal_(self.fc1.weight, std=0.02)
+        # A private generator: the init must not depend on how much of the global RNG the
+        # (layout-dependent) tower construction consumed, or TP/EP/PP runs would diverge.
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.fc1.weight.copy_(torch.randn(self.fc1.weight.shape, generator=g) * 0.02)
         nn.init.zeros_(self.fc1.bias)
         nn.init.zeros_(self.fc2.weight)  # identity at init: shift = scale = gate = 0
         nn.init.zeros_(self.fc2.bias)

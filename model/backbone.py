@@ -56,6 +56,8 @@ class NemotronHModel(MegatronModule):
                 bias=False, skip_bias_add=False, gather_output=False,
             )
         self.input_tensor: torch.Tensor | None = None
+        # Untied embeddings: megatron's finalize_model_grads reads this under PP.
+        self.share_embeddings_and_output_weights = False
 
     # -- megatron pipeline schedules hand the previous stage's output here
     def set_input_tensor(self, input_tensor) -> None:

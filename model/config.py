@@ -16,7 +16,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -88,7 +88,7 @@ class BackboneConfig:
     """Intermediate size of the shared expert (``None``: no shared expert)."""
     moe_routed_scaling_factor: float = 1.0
     """Multiplies the normalised top-k weights (Nemotron-3-Nano: 2.5)."""
-    moe_router_dtype: Literal["fp32", "fp64"] = "fp32"
+    moe_router_dtype: str = "fp32"
     """Precision of router logits and top-k; the release recommends fp64 to keep routing stable."""
     moe_router_expert_bias: bool = True
     """Sigmoid router with aux-loss-free score-correction bias (``e_score_correction_bias``)."""
@@ -296,15 +296,19 @@ class ParallelConfig:
     """Pipeline-parallel size (each stage holds the same layer range of both towers)."""
     sequence_parallel: bool = False
     """Shard norms/residuals along the sequence under TP (required with MoE when tp > 1)."""
-    moe_token_dispatcher: Literal["allgather", "alltoall"] = "alltoall"
+    moe_token_dispatcher: str = "alltoall"
     """megatron-core MoE token dispatcher."""
-    attention_backend: Literal["auto", "sdpa", "flex"] = "auto"
+    attention_backend: str = "auto"
     """Core attention: FlexAttention block masks or dense-mask SDPA; ``auto`` picks flex on CUDA."""
-    ssm_backend: Literal["auto", "torch", "mamba_ssm"] = "auto"
+    ssm_backend: str = "auto"
     """Mamba-2 scan kernels: mamba-ssm's Triton kernels on CUDA when installed, else pure PyTorch."""
 
     def __post_init__(self) -> None:
         _positive(self, "tp", "ep", "pp", prefix="parallel")
+        for name, allowed in (("attention_backend", ("auto", "sdpa", "flex")),
+                              ("ssm_backend", ("auto", "torch", "mamba_ssm"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"parallel.{name}={getattr(self, name)!r}: use one of {allowed}")
         if self.moe_token_dispatcher not in ("allgather", "alltoall"):
             raise ConfigError(f"parallel.moe_token_dispatcher={self.moe_token_dispatcher!r}: "
                               "use 'allgather' or 'alltoall'")
@@ -351,6 +355,7 @@ def to_transformer_config(model: BackboneConfig, parallel: ParallelConfig, *,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
+        pipeline_dtype=params_dtype,  # dtype of the tensors pipeline stages exchange
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         # Without this megatron silently treats expert params as DP-replicated.

@@ -443,10 +443,20 @@ def apply() -> list[str]:
         return applied_patches()
     version = _mcore_version()
     if not version.startswith(_BUGFIX_MCORE):
-        raise RuntimeError(
-            f"megatron_cpu: megatron-core {version} not verified (written for {_BUGFIX_MCORE}); re-run "
-            "tests/model/test_megatron_cpu.py, re-check every patch, then extend _BUGFIX_MCORE"
-        )
+        if CPU_ONLY:  # the CPU runtime depends on megatron internals: refuse rather than half-work
+            raise RuntimeError(
+                f"megatron_cpu: megatron-core {version} not verified (written for {_BUGFIX_MCORE}); re-run "
+                "tests/model/test_megatron_cpu.py, re-check every patch, then extend _BUGFIX_MCORE"
+            )
+        # On GPU clusters newer megatron-core releases (0.17+, Python 3.12) run natively; the
+        # 0.16 bug fixes are version-specific, so they are skipped, loudly.
+        import warnings
+
+        warnings.warn(f"megatron_cpu: megatron-core {version}: the 0.16.x bug fixes (te_general_gemm, "
+                      "DistributedOptimizer Adam step on resume) are not applied; verify resume exactness "
+                      "with tests/model/test_megatron_cpu.py on this version", stacklevel=2)
+        _APPLIED.append("none")
+        return applied_patches()
     if CPU_ONLY:
         _patch_current_device()
         _patch_streams()

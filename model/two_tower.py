@@ -27,7 +27,6 @@ decoding path, and the naive reference the tests compare the vectorised pass aga
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
@@ -53,7 +52,7 @@ class TwoTowerConfig:
     """Id of [MASK] (the release: 3). Its logit is never predicted (SUBS)."""
     time_dim: int = 128
     """Width of the shared adaLN-single time network (~1.5M extra parameters at 30B scale)."""
-    recompute: Literal["none", "mamba", "full"] = "mamba"
+    recompute: str = "mamba"
     """Activation checkpointing of layer pairs: Mamba pairs only (their per-boundary states are
     big), every pair, or none."""
 
@@ -103,6 +102,15 @@ class TwoTowerModel(MegatronModule):
         # megatron's layer-stacked tensors breaks optimizer checkpoints).
         self.context_tower.requires_grad_(False)
         self.input_tensor = None
+        # Untied embeddings: megatron's finalize_model_grads reads this under PP.
+        self.share_embeddings_and_output_weights = False
+
+    # -- megatron pipeline schedules hand the previous stage's output here: the pair
+    # (context hidden ; denoiser hidden) concatenated along the sequence, [2 s(/tp), b, h].
+    def set_input_tensor(self, input_tensor) -> None:
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -116,10 +124,12 @@ class TwoTowerModel(MegatronModule):
 
     # ------------------------------------------------------------------ vectorised pass
     def forward(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, *,
-                return_logits: bool = False, ar_nll: bool = False) -> TwoTowerOutput:
+                return_logits: bool = False, ar_nll: bool = False) -> TwoTowerOutput | torch.Tensor:
         """Args:
             x0: ``[b, L]`` clean tokens; xt: ``[b, L]`` noisy tokens (masked ones = mask id);
             t: ``[b, L/S]`` diffusion time of every block.
+        Returns ``TwoTowerOutput`` on the last pipeline stage, else the stream pair
+        ``[2 s(/tp), b, h]`` for the next stage.
         """
         S = self.twotower.block_size
         L = x0.shape[1]
@@ -127,9 +137,13 @@ class TwoTowerModel(MegatronModule):
         if xt.shape != x0.shape or t.shape != (x0.shape[0], L // S):
             raise ValueError(f"shapes: x0 {tuple(x0.shape)}, xt {tuple(xt.shape)}, t {tuple(t.shape)}; "
                              f"expected xt like x0 and t [b, {L // S}]")
-        with torch.no_grad():
-            hc = self.context_tower.embed(x0)
-        hd = self.denoiser_tower.embed(xt)
+        if self.pre_process:
+            with torch.no_grad():
+                hc = self.context_tower.embed(x0)
+            hd = self.denoiser_tower.embed(xt)
+        else:  # a later pipeline stage: the pair arrives as one tensor; the context half has no grad
+            hc, hd = self.input_tensor.chunk(2, dim=0)
+            hc = hc.detach()
         mod = self.adaln.per_token(t, S, self._seq_slice(L))  # [s(/tp), b, 3h]
         mode = self.twotower.recompute
         for j, (lc, ld) in enumerate(zip(self.context_tower.layers, self.denoiser_tower.layers)):
@@ -139,6 +153,9 @@ class TwoTowerModel(MegatronModule):
                 hc, hd = checkpoint(self._layer_pair, i, lc, ld, hc, hd, mod, S, L, use_reentrant=False)
             else:
                 hc, hd = self._layer_pair(i, lc, ld, hc, hd, mod, S, L)
+        if not self.post_process:
+            # What travels to the next stage: both streams (the spec's "pair"), one tensor.
+            return torch.cat([hc, hd], dim=0)
         logits = self._subs(self.denoiser_tower.head(hd))  # [L, b, V/tp]
         out = TwoTowerOutput(ce=None)
         if return_logits:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
@@ -37,7 +36,7 @@ from twotower.model.config import ConfigError
 
 @dataclass
 class DiffusionConfig:
-    schedule: Literal["loglinear", "cosine"] = "loglinear"
+    schedule: str = "loglinear"
     """Noise schedule alpha(t)."""
     t_min: float = 0.0
     """beta: lower end of the clip interval of training times."""
@@ -45,7 +44,7 @@ class DiffusionConfig:
     """omega: upper end of the clip interval."""
     eps: float = 1e-3
     """Floor of t (w(t) = 1/t diverges at 0); applies to training and validation."""
-    loss_weighting: Literal["nelbo", "unweighted"] = "nelbo"
+    loss_weighting: str = "nelbo"
     """``nelbo``: w(t)-weighted (the MDLM/BD3-LM bound); ``unweighted``: masked cross-entropy (E2D2)."""
     antithetic: bool = True
     """Stratify the block times over the global batch (lower-variance gradients)."""

@@ -34,9 +34,20 @@ def make_dataset(out: Path, seq_len: int, mb: int, shards: int, vocab: int) -> i
         w.write(f"train-{i:09d}", rng.integers(0, vocab, seq_len, dtype=np.uint32), {"length": seq_len})
     info = w.close()
     split = {"shards": info, "samples": n, "tokens": n * seq_len}
-    write_manifest(out, {"format": FORMAT, "tokenizer": "random", "vocab_size": vocab, "eos_id": 2, "pad_id": 0,
-                         "seq_len": seq_len, "dtype": "uint32", "boundaries": False,
-                         "splits": {"train": split, "valid": {"shards": [], "samples": 0, "tokens": 0}}})
+    write_manifest(
+        out,
+        {
+            "format": FORMAT,
+            "tokenizer": "random",
+            "vocab_size": vocab,
+            "eos_id": 2,
+            "pad_id": 0,
+            "seq_len": seq_len,
+            "dtype": "uint32",
+            "boundaries": False,
+            "splits": {"train": split, "valid": {"shards": [], "samples": 0, "tokens": 0}},
+        },
+    )
     return n * seq_len
 
 
@@ -50,8 +61,14 @@ def numpy_read(out: Path) -> float:
 
 def loader_read(out: Path, seq_len: int, vocab: int, workers: int, batch: int) -> tuple[float, float, int]:
     """(total seconds, steady-state seconds after the first batch, tokens); startup = worker fork + imports."""
-    cfg = DataConfig(train=[{"path": str(out)}], seq_len=seq_len, num_workers=workers, shuffle_buffer=1024,
-                     vocab_size=vocab, prefetch_factor=4)
+    cfg = DataConfig(
+        train=[{"path": str(out)}],
+        seq_len=seq_len,
+        num_workers=workers,
+        shuffle_buffer=1024,
+        vocab_size=vocab,
+        prefetch_factor=4,
+    )
     t = time.perf_counter()
     it = iter(TokenLoader(cfg, 0, 1, batch, one_pass=True))
     n = next(it)["tokens"].numel()
@@ -69,8 +86,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=131072)
-    ap.add_argument("--train-tokens-per-s", type=float, default=20_000.0,
-                    help="tokens/s one training rank consumes (default: ~H100 rate for a 3.6B-active MoE)")
+    ap.add_argument(
+        "--train-tokens-per-s",
+        type=float,
+        default=20_000.0,
+        help="tokens/s one training rank consumes (default: ~H100 rate for a 3.6B-active MoE)",
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -83,9 +104,11 @@ def main() -> None:
             t_l, t_steady, n = loader_read(out, args.seq_len, args.vocab, w, args.batch)
             assert n == tokens, (n, tokens)
             rate, steady = tokens / t_l, tokens / t_steady
-            print(f"loader num_workers={w}: {rate:,.0f} tokens/s incl. startup = {rate / (tokens / t_np):.2f}x numpy; "
-                  f"steady state {steady:,.0f} tokens/s = {steady / (tokens / t_np):.2f}x numpy, "
-                  f"{steady / args.train_tokens_per_s:,.0f}x a training rank's {args.train_tokens_per_s:,.0f} tokens/s")
+            print(
+                f"loader num_workers={w}: {rate:,.0f} tokens/s incl. startup = {rate / (tokens / t_np):.2f}x numpy; "
+                f"steady state {steady:,.0f} tokens/s = {steady / (tokens / t_np):.2f}x numpy, "
+                f"{steady / args.train_tokens_per_s:,.0f}x a training rank's {args.train_tokens_per_s:,.0f} tokens/s"
+            )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import logging
 
 import numpy as np
 import pytest
-from conftest import make_docs, npy_bytes, tokenized, write_jsonl, write_raw_dataset
+from data_helpers import make_docs, npy_bytes, tokenized, write_jsonl, write_raw_dataset
 from twotower.data.config import DataConfig
 from twotower.data.loader import TokenLoader
 from twotower.data.shards import BadSampleError
@@ -17,8 +17,11 @@ L = 8
 
 
 def good(i: int) -> dict:
-    return {"__key__": f"s{i:03d}", "tokens.npy": npy_bytes(np.full(L, 10 + i, np.uint32)),
-            "json": json.dumps({"length": L}).encode()}
+    return {
+        "__key__": f"s{i:03d}",
+        "tokens.npy": npy_bytes(np.full(L, 10 + i, np.uint32)),
+        "json": json.dumps({"length": L}).encode(),
+    }
 
 
 def loader(path, **kw) -> TokenLoader:
@@ -31,7 +34,10 @@ BAD = {
     "missing": ({"__key__": "bad", "json": b"{}"}, "key 'bad': sample has no tokens.npy"),
     "dtype": ({"__key__": "bad", "tokens.npy": npy_bytes(np.zeros(L, np.float32))}, "dtype float32"),
     "length": ({"__key__": "bad", "tokens.npy": npy_bytes(np.zeros(L + 1, np.uint32))}, r"shape \(9,\)"),
-    "vocab": ({"__key__": "bad", "tokens.npy": npy_bytes(np.full(L, 300, np.uint32))}, "token id 300 outside"),
+    "vocab": (
+        {"__key__": "bad", "tokens.npy": npy_bytes(np.full(L, 300, np.uint32))},
+        "token id 300 outside",
+    ),
     "not_npy": ({"__key__": "bad", "tokens.npy": b"garbage"}, "not a valid .npy"),
 }
 
@@ -52,7 +58,9 @@ def test_skip_mode_logs_every_skipped_sample(tmp_path, caplog):
         got = [int(b["tokens"][0, 0]) for b in loader(d, on_bad_sample="skip")]
     assert got == [10, 12, 14]
     msgs = [r.getMessage() for r in caplog.records if "skipping bad sample" in r.getMessage()]
-    assert len(msgs) == 2 and "#1" in msgs[0] and "'bad'" in msgs[0] and "#2" in msgs[1] and "'bad2'" in msgs[1]
+    assert (
+        len(msgs) == 2 and "#1" in msgs[0] and "'bad'" in msgs[0] and "#2" in msgs[1] and "'bad2'" in msgs[1]
+    )
 
 
 def _drop_index(d):
@@ -87,7 +95,9 @@ def test_corrupt_bytes_inside_indexed_shard_name_the_key(tmp_path):
     data = bytearray(shard.read_bytes())
     data[off : off + 6] = b"XXXXXX"  # same size, broken .npy magic of sample 5
     shard.write_bytes(bytes(data))
-    with pytest.raises(BadSampleError, match=r"train-000000.tar key 'train-000000005' tokens.npy: not a valid"):
+    with pytest.raises(
+        BadSampleError, match=r"train-000000.tar key 'train-000000005' tokens.npy: not a valid"
+    ):
         list(loader(d, vocab_size=None))
 
 
@@ -143,3 +153,10 @@ def test_data_config_validation():
         DataConfig(train=[{"path": "x"}], on_bad_sample="drop")
     with pytest.raises(ValueError, match="unknown field"):
         DataConfig.from_any({"train": [{"path": "x"}], "sq_len": 3})
+
+
+def test_int32_tokens_are_accepted(tmp_path):
+    s = {"__key__": "i32", "tokens.npy": npy_bytes(np.arange(4, 4 + L, dtype=np.int32))}
+    d = write_raw_dataset(tmp_path / "d", [s, good(1)], seq_len=L)
+    got = [b["tokens"][0].tolist() for b in loader(d)]
+    assert got == [list(range(4, 4 + L)), [11] * L]

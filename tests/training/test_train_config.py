@@ -1,0 +1,79 @@
+"""The Hydra config tree composes, and impossible settings fail before any work starts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from twotower.model.config import ConfigError
+
+REPO = Path(__file__).parents[2]
+
+
+@pytest.mark.parametrize("experiment", ["smoke_cpu", "demo", "demo_ar", "twotower_nano_2p1t"])
+def test_every_experiment_composes_and_validates(compose_config, experiment):
+    cfg = compose_config(f"experiment={experiment}")
+    world = cfg.cluster.nodes * max(cfg.cluster.gpus_per_node, 1)
+    plan = cfg.validate(world)
+    assert plan.num_microbatches * plan.micro_batch_size * plan.dp == cfg.trainer.global_batch_size
+
+
+def test_nano_experiment_has_the_reported_shape(compose_config):
+    cfg = compose_config("experiment=twotower_nano_2p1t", "cluster.nodes=64")
+    assert cfg.model.num_layers == 52 and cfg.parallel.ep == 8 and cfg.twotower.block_size == 16
+    plan = cfg.validate(512)
+    tokens = cfg.trainer.max_steps * cfg.trainer.global_batch_size * cfg.trainer.seq_len
+    assert 2.0e12 < tokens < 2.2e12 and plan.dp == 512 and plan.num_microbatches == 6
+
+
+def test_overrides_reach_the_dataclasses(compose_config):
+    cfg = compose_config("experiment=smoke_cpu", "trainer.max_steps=7", "parallel=tp2", "objective=ar",
+                         "checkpoint.resume=none", "optim=wsd")
+    assert (cfg.trainer.max_steps, cfg.parallel.tp, cfg.objective, cfg.checkpoint.resume) == (7, 2, "ar", "none")
+    assert cfg.optim.schedule == "wsd" and cfg.parallel.sequence_parallel
+
+
+@pytest.mark.parametrize("overrides,world,msg", [
+    (["parallel.tp=2", "parallel.sequence_parallel=true"], 3, "world size 3 is not divisible"),
+    (["parallel.tp=3", "parallel.sequence_parallel=true"], 3, "parallel.tp=3 does not divide"),
+    (["parallel.ep=3"], 3, "parallel.ep=3 does not divide model.num_experts"),
+    (["parallel.pp=3"], 3, "parallel.pp=3 does not divide the 8 layers"),
+    (["trainer.global_batch_size=6"], 4, "trainer.global_batch_size=6 is not divisible"),
+    (["twotower.block_size=24"], 1, "not a multiple of twotower.block_size=24"),
+    (["twotower.mask_token_id=999"], 1, "twotower.mask_token_id=999 is outside the vocabulary"),
+])
+def test_impossible_layouts_are_refused(compose_config, overrides, world, msg):
+    cfg = compose_config("experiment=smoke_cpu", *overrides)
+    with pytest.raises(ConfigError, match=msg.replace(".", r"\.")):
+        cfg.validate(world)
+
+
+@pytest.mark.parametrize("override,msg", [
+    ("diffusion.t_max=1.5", r"diffusion\.t_max=1\.5 is outside \[0, 1\]"),
+    ("optim.schedule=linear", r"optim\.schedule='linear'"),
+    ("model.pattern=M*Q", r"unknown layer symbol"),
+])
+def test_bad_values_are_refused(compose_config, override, msg):
+    with pytest.raises(ConfigError, match=msg):
+        compose_config("experiment=smoke_cpu", override)
+
+
+def test_unknown_key_is_refused(compose_config):
+    from omegaconf.errors import ConfigKeyError
+
+    with pytest.raises(ConfigKeyError, match="trainer.max_stepz"):
+        compose_config("experiment=smoke_cpu", "trainer.max_stepz=3")
+
+
+def test_cli_fails_fast_with_a_named_key(tmp_path):
+    env = dict(os.environ, WORLD_SIZE="1")
+    out = subprocess.run([sys.executable, "-m", "twotower.training.train", "experiment=smoke_cpu",
+                          "parallel.ep=3", f"trainer.run_dir={tmp_path}"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "parallel.ep=3 does not divide model.num_experts" in out.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()

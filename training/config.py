@@ -1,0 +1,215 @@
+"""The training configuration schema (Hydra structured configs) and its validation.
+
+Stage: before anything else. Input: the Hydra-composed config (``conf/config.yaml`` with
+groups ``model/ parallel/ data/ diffusion/ optim/ trainer/ logging/ cluster/ experiment/``
+and command-line overrides). Output: a validated ``TrainConfig`` of dataclasses. Types are
+checked by OmegaConf against this schema (unknown keys are rejected), ranges and
+cross-field rules by the ``__post_init__`` methods and ``TrainConfig.validate(world_size)``,
+all before a process group or a weight exists. Every error names the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+
+from twotower.data.config import DataConfig
+from twotower.model.config import BackboneConfig, ConfigError, ParallelConfig
+from twotower.model.two_tower import TwoTowerConfig
+from twotower.training.checkpoint import CheckpointConfig
+from twotower.training.diffusion import DiffusionConfig
+
+
+@dataclass
+class TrainerConfig:
+    run_dir: str = "runs/default"
+    """Where ``metrics.jsonl``, the resolved config and logs go (checkpoints default below it)."""
+    max_steps: int = 100
+    """Optimizer steps to run (a resumed run continues up to this step)."""
+    seq_len: int = 256
+    """Tokens per sequence (must equal the data's ``seq_len``; a multiple of the block size)."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all data-parallel ranks."""
+    micro_batch_size: int = 2
+    """Sequences per forward pass per rank; accumulation = global / (micro * dp)."""
+    seed: int = 1234
+    """Seeds weights (when not loaded), noise, masks and data order."""
+    precision: str = "auto"
+    """``auto``: bf16 on GPU, fp32 on CPU."""
+    log_interval: int = 10
+    """Steps between console / metrics.jsonl / wandb lines."""
+    eval_interval: int = 0
+    """Steps between validations (0: never, except at the end when a valid set exists)."""
+    eval_batches: int = 4
+    """Micro-batches per rank per validation."""
+    max_consecutive_nonfinite: int = 5
+    """Stop after this many non-finite losses in a row (each one skips its step)."""
+    tokens_budget: float = 0.0
+    """Optional token budget for the ETA (0: use max_steps)."""
+    peak_flops_per_device: float = 0.0
+    """Peak FLOP/s of one device for MFU (0: detect the GPU, or a nominal CPU figure)."""
+    synthetic_data: bool = False
+    """Train on deterministic synthetic sequences instead of ``data`` (smoke runs, layout checks)."""
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"trainer.precision={self.precision!r}: use 'auto', 'fp32' or 'bf16'")
+        for name in ("max_steps", "seq_len", "global_batch_size", "micro_batch_size", "log_interval"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"trainer.{name}={getattr(self, name)} must be positive")
+        if self.eval_interval < 0 or self.eval_batches < 0 or self.max_consecutive_nonfinite < 1:
+            raise ConfigError("trainer.eval_interval/eval_batches must be >= 0, max_consecutive_nonfinite >= 1")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    warmup_steps: int = 10
+    schedule: str = "cosine"
+    """LR after warmup: cosine to ``min_lr``; warmup-stable-decay; or constant."""
+    decay_steps: int = 0
+    """Steps over which the LR decays (0: ``trainer.max_steps``)."""
+    wsd_decay_fraction: float = 0.1
+    """WSD: fraction of the decay steps spent in the final (linear) decay."""
+    distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks (megatron DistributedOptimizer)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"optim: need 0 <= optim.min_lr ({self.min_lr}) <= optim.lr ({self.lr}), lr > 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError("optim.beta1 and optim.beta2 must be in [0, 1)")
+        if self.warmup_steps < 0 or self.decay_steps < 0:
+            raise ConfigError("optim.warmup_steps and optim.decay_steps must be >= 0")
+        if not 0 < self.wsd_decay_fraction <= 1:
+            raise ConfigError("optim.wsd_decay_fraction must be in (0, 1]")
+        if self.schedule not in ("cosine", "wsd", "constant"):
+            raise ConfigError(f"optim.schedule={self.schedule!r}: use 'cosine', 'wsd' or 'constant'")
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = True
+    """Log to Weights & Biases (offline by default: no account needed)."""
+    wandb_mode: str = "offline"
+    wandb_project: str = "twotower"
+    wandb_entity: str | None = None
+    run_name: str | None = None
+    """Defaults to the run directory's name."""
+
+    def __post_init__(self) -> None:
+        if self.wandb_mode not in ("offline", "online", "disabled"):
+            raise ConfigError(f"logging.wandb_mode={self.wandb_mode!r}: use 'offline', 'online' or 'disabled'")
+
+
+@dataclass
+class ClusterConfig:
+    """Where jobs run (used by ``twotower-launch``; absolute paths belong only here)."""
+
+    name: str = "local"
+    nodes: int = 1
+    gpus_per_node: int = 0
+    """0: CPU (gloo)."""
+    partition: str | None = None
+    account: str | None = None
+    time: str = "04:00:00"
+    container_image: str | None = None
+    container_mounts: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before the job (module loads, venv activation)."""
+
+
+@dataclass
+class TrainConfig:
+    objective: str = "diffusion"
+    """``diffusion``: train the denoiser tower on a frozen context tower; ``ar``: train one
+    backbone with next-token loss (the baseline, and how the CPU demo makes its backbone)."""
+    backbone: str | None = None
+    """Hugging Face NemotronH checkpoint both towers start from (None: random init, tests)."""
+    model: BackboneConfig = MISSING
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    twotower: TwoTowerConfig = field(default_factory=TwoTowerConfig)
+    data: DataConfig | None = None
+    """Token shards (``twotower-tokenize`` output); may be null with ``trainer.synthetic_data``."""
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("diffusion", "ar"):
+            raise ConfigError(f"objective={self.objective!r}: use 'diffusion' or 'ar'")
+
+    def validate(self, world_size: int) -> BatchPlan:
+        """Cross-group rules; returns the derived batch arithmetic."""
+        self.model.validate_parallel(self.parallel)
+        dp = self.parallel.data_parallel_size(world_size)
+        if self.parallel.pp > 1 and self.model.num_layers % self.parallel.pp:
+            raise ConfigError(f"parallel.pp={self.parallel.pp} does not divide the {self.model.num_layers} layers "
+                              "of model.pattern (each stage holds the same number of layers of both towers)")
+        if self.data is None and not self.trainer.synthetic_data:
+            raise ConfigError("data is not set: choose a data group (e.g. data=demo) or trainer.synthetic_data=true")
+        if self.data is not None and self.data.seq_len != self.trainer.seq_len:
+            raise ConfigError(f"data.seq_len={self.data.seq_len} differs from trainer.seq_len={self.trainer.seq_len}")
+        if self.objective == "diffusion":
+            self.twotower.validate(self.model, self.trainer.seq_len)
+        if self.parallel.sequence_parallel and self.parallel.tp > 1:
+            L = self.trainer.seq_len * (2 if self.objective == "diffusion" and self.parallel.pp > 1 else 1)
+            if L % self.parallel.tp:
+                raise ConfigError(f"trainer.seq_len={self.trainer.seq_len} must be divisible by parallel.tp="
+                                  f"{self.parallel.tp} under sequence parallelism")
+        if self.data is not None and self.data.vocab_size is not None and self.data.vocab_size != self.model.vocab_size:
+            raise ConfigError(f"data.vocab_size={self.data.vocab_size} differs from model.vocab_size="
+                              f"{self.model.vocab_size}")
+        return BatchPlan.derive(self.trainer.global_batch_size, self.trainer.micro_batch_size, dp)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Batch arithmetic, derived in one place from the global batch and the DP size."""
+
+    global_batch_size: int
+    micro_batch_size: int
+    dp: int
+    num_microbatches: int
+
+    @classmethod
+    def derive(cls, global_batch: int, micro_batch: int, dp: int) -> BatchPlan:
+        if global_batch <= 0 or micro_batch <= 0:
+            raise ConfigError("trainer.global_batch_size and trainer.micro_batch_size must be positive")
+        if global_batch % (micro_batch * dp):
+            raise ConfigError(
+                f"trainer.global_batch_size={global_batch} is not divisible by trainer.micro_batch_size="
+                f"{micro_batch} x data-parallel size {dp}; use a multiple of {micro_batch * dp}")
+        return cls(global_batch, micro_batch, dp, global_batch // (micro_batch * dp))
+
+
+def register_configs() -> None:
+    """Register the schema with Hydra's ConfigStore (``config_schema``, used by conf/config.yaml)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="config_schema", node=TrainConfig)
+
+
+def to_train_config(cfg: Any) -> TrainConfig:
+    """A Hydra/OmegaConf node (or dict) -> validated ``TrainConfig`` (runs every ``__post_init__``)."""
+    if not OmegaConf.is_config(cfg):
+        cfg = OmegaConf.create(cfg)
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+    try:
+        obj = OmegaConf.to_object(merged)
+    except (ValueError, TypeError) as err:  # OmegaConf wraps __post_init__ errors; keep the message
+        raise ConfigError(str(err).split("\n")[0]) from err
+    return obj

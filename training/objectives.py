@@ -1,0 +1,89 @@
+"""Forward-step functions for megatron-core's pipeline schedules: diffusion and AR.
+
+Stage: inside ``forward_backward_func`` (megatron's 1F1B or no-pipelining schedule), once
+per micro-batch. Input: an iterator of ``MicroBatch`` and the (DDP-wrapped) model.
+Output: ``(output_tensor, loss_func)``; on the last pipeline stage ``loss_func`` turns the
+per-token cross-entropy into the micro-batch loss and the sums that are logged.
+
+Loss normalisation: ``loss_func`` returns the mean over the micro-batch's tokens; the
+schedule divides by the number of micro-batches and DDP averages over data-parallel
+ranks, so the step's gradient is that of the mean over the global batch.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from twotower.training.batches import MicroBatch
+from twotower.training.diffusion import NoiseSchedule, diffusion_loss
+
+#: Keys of the per-micro-batch sums every loss_func reports (a fixed order for all-reduces).
+STAT_KEYS = ("loss_sum", "tokens", "masked", "masked_ce_sum", "ar_nll_sum", "ar_tokens", "nonfinite")
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _stats(**values) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(values.get(k, 0.0), dtype=torch.float64).detach().cpu().reshape(())
+            for k in STAT_KEYS}
+
+
+def diffusion_forward_step(data_iterator, model, *, schedule: NoiseSchedule, weighting: str,
+                           block_size: int, ar_nll: bool = False):
+    mb: MicroBatch = next(data_iterator)
+    inner = _unwrap(model)
+    out = model(mb.x0, mb.xt, mb.t, ar_nll=ar_nll and inner.post_process)
+    if not inner.post_process:
+        return out, None
+    return out.ce, partial(_diffusion_loss, mb, schedule, weighting, block_size, out.ar_nll)
+
+
+def _diffusion_loss(mb: MicroBatch, schedule, weighting, block_size, ar_nll, ce: torch.Tensor):
+    res = diffusion_loss(ce, mb.masked, mb.t, block_size, schedule, weighting)
+    loss = res.loss_sum / res.num_tokens
+    finite = bool(torch.isfinite(loss))
+    stats = _stats(loss_sum=res.loss_sum if finite else 0.0, tokens=res.num_tokens, masked=res.num_masked,
+                   masked_ce_sum=res.masked_ce_sum if finite else 0.0,
+                   ar_nll_sum=ar_nll.sum() if ar_nll is not None else 0.0,
+                   ar_tokens=ar_nll.numel() if ar_nll is not None else 0, nonfinite=0.0 if finite else 1.0)
+    return loss, stats
+
+
+def ar_forward_step(data_iterator, model):
+    mb: MicroBatch = next(data_iterator)
+    inner = _unwrap(model)
+    # Feed all L tokens (SP and the pipeline's tensor shape need L) and drop the last
+    # position's loss: its label would wrap around.
+    ids, labels = mb.x0, torch.roll(mb.x0, shifts=-1, dims=1)
+    out = model(ids, labels=labels) if inner.post_process else model(ids)
+    if not inner.post_process:
+        return out, None
+    return out, _ar_loss
+
+
+def _ar_loss(per_token: torch.Tensor):
+    per_token = per_token[:, :-1]
+    loss = per_token.mean()
+    finite = bool(torch.isfinite(loss))
+    s = per_token.sum() if finite else 0.0
+    return loss, _stats(loss_sum=s, tokens=per_token.numel(), ar_nll_sum=s, ar_tokens=per_token.numel(),
+                        nonfinite=0.0 if finite else 1.0)
+
+
+def reduce_stats(per_micro: list[dict[str, torch.Tensor]], groups: list) -> dict[str, float]:
+    """Sum the micro-batch stats, then over the given process groups (PP: only the last stage
+    has them; DP: each rank saw different samples). Every rank returns the same totals."""
+    total = torch.zeros(len(STAT_KEYS), dtype=torch.float64)
+    for d in per_micro:
+        total += torch.stack([d[k] for k in STAT_KEYS])
+    if torch.distributed.is_initialized():
+        for g in groups:
+            if g is not None and torch.distributed.get_world_size(g) > 1:
+                torch.distributed.all_reduce(total, group=g)
+    return dict(zip(STAT_KEYS, total.tolist()))
