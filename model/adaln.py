@@ -35,7 +35,7 @@ from torch import nn
 class Modulation:
     """``(shift, scale, gate)`` for one layer, each ``[s(/tp), b, h]`` (or broadcastable)."""
 
-    __slots__ = ("shift", "scale", "gate")
+    __slots__ = ("gate", "scale", "shift")
 
     def __init__(self, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor):
         self.shift, self.scale, self.gate = shift, scale, gate

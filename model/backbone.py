@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
-
 from twotower.model.config import BackboneConfig, ParallelConfig, to_transformer_config
 from twotower.model.layers import HybridLayer, HybridLayerSpecs, get_hybrid_layer_specs
 from twotower.model.norm import RMSNorm
@@ -58,6 +58,8 @@ class NemotronHModel(MegatronModule):
         self.input_tensor: torch.Tensor | None = None
         # Untied embeddings: megatron's finalize_model_grads reads this under PP.
         self.share_embeddings_and_output_weights = False
+        # Decoder-only: megatron's pipeline schedules read this.
+        self.model_type = ModelType.encoder_or_decoder
 
     # -- megatron pipeline schedules hand the previous stage's output here
     def set_input_tensor(self, input_tensor) -> None:
@@ -113,6 +115,12 @@ class NemotronHModel(MegatronModule):
             loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
             return loss.transpose(0, 1).contiguous()  # [b, s]
         return gather_logits(logits)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """Dist-checkpoint state with layers keyed by their GLOBAL index (PP-independent)."""
+        from twotower.model.sharding import backbone_sharded_state_dict
+
+        return backbone_sharded_state_dict(self, prefix, sharded_offsets, metadata)
 
 
 def gather_logits(logits: torch.Tensor) -> torch.Tensor:

@@ -421,6 +421,11 @@ def _divides(cfg: Any, name: str, value: int, of_name: str, of_value: int, prefi
 
 
 __all__ = [
-    "BackboneConfig", "ParallelConfig", "ConfigError", "LAYER_SYMBOLS", "HF_LAYER_TYPES",
-    "to_transformer_config", "backbone_config_from_dict",
+    "HF_LAYER_TYPES",
+    "LAYER_SYMBOLS",
+    "BackboneConfig",
+    "ConfigError",
+    "ParallelConfig",
+    "backbone_config_from_dict",
+    "to_transformer_config",
 ]

@@ -154,7 +154,7 @@ def _cached_block_mask(mask: MaskSpec, sq: int, sk: int, device: torch.device):
     _check_len(mask, sq, sk)
     mod = mask.mask_mod()
     if mod is None:
-        def mod(b, h, q, kv):  # noqa: E306 - every key visible
+        def mod(b, h, q, kv):
             return q >= 0
     return create_block_mask(mod, B=None, H=None, Q_LEN=sq, KV_LEN=sk, device=str(device))
 

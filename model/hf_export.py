@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
-
 from twotower.model.config import BackboneConfig
 
 
@@ -76,7 +75,7 @@ def export_hf_tensors(model, tensors: Mapping[str, torch.Tensor] | None = None,
         if d + "norm.weight" in src:
             put(hf + "norm.weight", src[d + "norm.weight"])
         m, h = d + "mixer.", hf + "mixer."
-        have = (lambda k: m + k in src)
+        have = (lambda k, m=m: m + k in src)
         if layer.symbol == "M":
             if have("in_proj.weight"):
                 put(h + "in_proj.weight", _components(_gather(src[m + "in_proj.weight"], 0, tp_group),

@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 from megatron.core import parallel_state
-
 from twotower.model.config import BackboneConfig
 
 _FUSED = re.compile(r"^layers\.(\d+)\.mixer\.experts\.(up_proj|down_proj)(\.weight)?$")
@@ -75,7 +74,7 @@ class HFWeights:
         handles, shapes, owner = {}, {}, {}
         for f in files:
             h = handles[f] = safe_open(str(path / f), framework="pt")
-            for raw in h.keys():
+            for raw in h.keys():  # noqa: SIM118 (safetensors handles are not dicts)
                 owner[raw] = f
                 shapes[raw] = tuple(h.get_slice(raw).get_shape())
 
@@ -224,7 +223,7 @@ def _plan(model, w: HFWeights) -> dict[str, tuple[tuple | None, list[str], Calla
             n = m_src + "conv1d.weight"
             k = bb.mamba_conv_kernel
             plan[m_dst + "conv1d_weight"] = ((di + 2 * gn, 1, k), [n],
-                                             (lambda b=parts(n, [di, gn, gn]): b()[:, 0]))
+                                             (lambda b=parts(n, [di, gn, gn]): b()[:, 0]))  # noqa: B008 (bind now)
             if bb.mamba_conv_bias:
                 n = m_src + "conv1d.bias"
                 plan[m_dst + "conv1d_bias"] = ((di + 2 * gn,), [n], parts(n, [di, gn, gn]))
@@ -285,7 +284,7 @@ def _qkv_builder(w: HFWeights, names: list[str], bb: BackboneConfig, r: int, tp:
 
 def _is_runtime_state(key: str) -> bool:
     """Buffers that are not weights (megatron extra state, router token counters)."""
-    return key.endswith("_extra_state") or key.endswith("local_tokens_per_expert")
+    return key.endswith(("_extra_state", "local_tokens_per_expert"))
 
 
 def _layer_in_model(name: str, model) -> bool:

@@ -29,7 +29,6 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
-
 from twotower.model.causal_conv import causal_conv1d
 from twotower.model.config import BackboneConfig
 from twotower.model.norm import GatedRMSNorm
@@ -153,3 +152,9 @@ class MambaMixer(MegatronModule):
         if state_every is not None or return_final_state:
             states = MambaStates(ssd.boundary_states, conv.boundary_states, ssd.final_state, conv.final_state)
         return out, states
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """TP-independent dist-checkpoint state: fused tensors split into components (``sharding.py``)."""
+        from twotower.model.sharding import mamba_sharded_state_dict
+
+        return mamba_sharded_state_dict(self, prefix, sharded_offsets, metadata)

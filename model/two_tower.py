@@ -30,10 +30,10 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.utils.checkpoint import checkpoint
-
 from twotower.model.adaln import AdaLNSingle
 from twotower.model.backbone import NemotronHModel, gather_logits
 from twotower.model.cache import LayerCache, TowerCache
@@ -104,6 +104,8 @@ class TwoTowerModel(MegatronModule):
         self.input_tensor = None
         # Untied embeddings: megatron's finalize_model_grads reads this under PP.
         self.share_embeddings_and_output_weights = False
+        # Decoder-only: megatron's pipeline schedules read this.
+        self.model_type = ModelType.encoder_or_decoder
 
     # -- megatron pipeline schedules hand the previous stage's output here: the pair
     # (context hidden ; denoiser hidden) concatenated along the sequence, [2 s(/tp), b, h].
@@ -116,6 +118,13 @@ class TwoTowerModel(MegatronModule):
         super().train(mode)
         self.context_tower.train(False)
         return self
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
+        """What a TwoTower checkpoint holds: the denoiser and adaLN (layout-independent keys)
+        plus a fingerprint of the frozen context tower (its weights come from the backbone)."""
+        from twotower.model.sharding import twotower_sharded_state_dict
+
+        return twotower_sharded_state_dict(self, prefix, sharded_offsets, metadata)
 
     @torch.no_grad()
     def init_denoiser_from_context(self) -> None:
@@ -197,7 +206,7 @@ class TwoTowerModel(MegatronModule):
         """Causal context pass over ``ids [b, s]`` continuing ``cache``; returns (logits, new cache)."""
         ctx = self.context_tower
         cache = cache or TowerCache.empty(len(ctx.layers))
-        h = ctx.embed(ids)
+        h = ctx.embed(ids.to(_device_of(ctx)))
         new = TowerCache.empty(len(ctx.layers))
         new.length = cache.length + ids.shape[1]
         for j, layer in enumerate(ctx.layers):
@@ -219,6 +228,10 @@ class TwoTowerModel(MegatronModule):
         """Denoiser logits ``[b, S', vocab]`` for one noisy block ``[b, S']`` at times ``t [b]``,
         attending over the clean prefix held in ``cache`` (bidirectional inside the block)."""
         den = self.denoiser_tower
+        dev = _device_of(den)
+        if any(t_.device != dev for c in cache.layers for t_ in (c.k, c.ssm) if t_ is not None):
+            cache = cache.to(dev)  # towers on different devices (place_towers_on_devices)
+        xt_block, t = xt_block.to(dev), t.to(dev)
         h = den.embed(xt_block)
         mod = self.adaln.per_token(t[:, None], xt_block.shape[1])
         for j, layer in enumerate(den.layers):
@@ -247,6 +260,10 @@ class TwoTowerModel(MegatronModule):
         tp = parallel_state.get_tensor_model_parallel_world_size()
         r = parallel_state.get_tensor_model_parallel_rank()
         return slice(r * L // tp, (r + 1) * L // tp)
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def _shift_blocks(boundary: torch.Tensor) -> torch.Tensor:

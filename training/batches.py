@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from twotower.training.config import BatchPlan
 from twotower.training.diffusion import DiffusionConfig, NoiseSchedule, mask_tokens, sample_block_times
 
@@ -49,7 +48,11 @@ def add_noise(mb: MicroBatch, step: int, plan: BatchPlan, cfg: DiffusionConfig, 
     """Fill ``t``, ``masked`` and ``xt`` of a micro-batch (the forward process q(xt | x0))."""
     b, L = mb.x0.shape
     nb = L // block_size
-    t = sample_block_times(b * nb, start=mb.first_index * nb, total=plan.global_batch_size * nb,
+    in_step = mb.first_index - step * plan.global_batch_size  # position inside the step's global batch
+    if not 0 <= in_step <= plan.global_batch_size - b:
+        raise ValueError(f"micro-batch at global sample {mb.first_index} is not part of step {step} "
+                         f"(global batch {plan.global_batch_size})")
+    t = sample_block_times(b * nb, start=in_step * nb, total=plan.global_batch_size * nb,
                            generator=torch.Generator().manual_seed(_seed(seed, step)), cfg=cfg).view(b, nb)
     rows = [mask_tokens(mb.x0[i:i + 1], t[i:i + 1], block_size, mask_token_id, schedule,
                         torch.Generator().manual_seed(_seed(seed, step, mb.first_index + i)),
@@ -63,18 +66,21 @@ def add_noise(mb: MicroBatch, step: int, plan: BatchPlan, cfg: DiffusionConfig, 
 class SyntheticTokens:
     """Deterministic, learnable token sequences keyed by global sample index (tests, smoke runs).
 
-    Sample ``i`` is an arithmetic progression ``(a*j + c) mod (V - 4) + 4`` with ``a, c`` drawn
-    from ``(seed, i)``: predictable from two tokens of context, so losses fall quickly.
+    Sample ``i`` is an arithmetic progression ``(a*j + c) mod A + 4`` over a small alphabet of
+    ``A = min(16, V - 4)`` token ids, with ``a, c`` drawn from ``(seed, i)``: predictable from two
+    tokens of context, and every id recurs in every batch, so a tiny model's losses fall
+    within a few dozen steps (a 256-id alphabet would need thousands of samples per id).
     """
 
-    def __init__(self, vocab_size: int, seq_len: int, seed: int = 0):
+    def __init__(self, vocab_size: int, seq_len: int, seed: int = 0, alphabet: int = 16):
         self.vocab, self.L, self.seed = vocab_size, seq_len, seed
+        self.alphabet = min(alphabet, vocab_size - 4)
 
     def sample(self, index: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(_seed(self.seed, index))
-        a = int(torch.randint(1, 7, (), generator=g))
-        c = int(torch.randint(0, self.vocab - 4, (), generator=g))
-        return (a * torch.arange(self.L) + c) % (self.vocab - 4) + 4
+        a = int(torch.randint(1, 4, (), generator=g))
+        c = int(torch.randint(0, self.alphabet, (), generator=g))
+        return (a * torch.arange(self.L) + c) % self.alphabet + 4
 
     def micro_batch(self, first_index: int, size: int) -> torch.Tensor:
         return torch.stack([self.sample(first_index + i) for i in range(size)])

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import MISSING, OmegaConf
-
 from twotower.data.config import DataConfig
 from twotower.model.config import BackboneConfig, ConfigError, ParallelConfig
 from twotower.model.two_tower import TwoTowerConfig
@@ -49,13 +48,21 @@ class TrainerConfig:
     tokens_budget: float = 0.0
     """Optional token budget for the ETA (0: use max_steps)."""
     peak_flops_per_device: float = 0.0
-    """Peak FLOP/s of one device for MFU (0: detect the GPU, or a nominal CPU figure)."""
+    """Peak FLOP/s of one device for MFU (0: detect the GPU from its datasheet; on CPU no MFU is logged)."""
     synthetic_data: bool = False
     """Train on deterministic synthetic sequences instead of ``data`` (smoke runs, layout checks)."""
+    exit_after_steps: int = 0
+    """Stop cleanly (checkpoint, exit 0) after this many steps of this launch although the LR
+    schedule runs to ``max_steps``; relaunching the same command resumes (0: off)."""
+    exit_after_minutes: float = 0.0
+    """The same after this many minutes of this launch (e.g. the job's time limit minus the time a
+    checkpoint takes; 0: off). SIGTERM and SIGUSR1 also stop at the end of the current step."""
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"trainer.precision={self.precision!r}: use 'auto', 'fp32' or 'bf16'")
+        if self.exit_after_steps < 0 or self.exit_after_minutes < 0:
+            raise ConfigError("trainer.exit_after_steps and trainer.exit_after_minutes must be >= 0")
         for name in ("max_steps", "seq_len", "global_batch_size", "micro_batch_size", "log_interval"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"trainer.{name}={getattr(self, name)} must be positive")

@@ -12,7 +12,9 @@ Stages (each is the real code path a cluster run uses, at toy scale):
 3. TwoTower: initialise both towers from that folder, train the denoiser for half the
    steps, stop, then resume from the distributed checkpoint to the end (as after a
    preemption);
-4. report: validation NELBO (bits/token) next to the frozen context tower's AR NLL.
+4. report: validation NELBO (bits/token) next to the frozen context tower's AR NLL;
+5. generate: decode prompts with the trained TwoTower in the three modes (diffusion with
+   confidence threshold 0.8, mock-AR, AR) and print tokens/s and tokens per denoiser forward.
 """
 
 from __future__ import annotations
@@ -31,10 +33,7 @@ def _run(overrides: list[str]) -> dict:
     cfg = _compose(overrides)
     trainer = Trainer(cfg)
     try:
-        last = trainer.train()
-        last |= trainer.evaluate()
-        trainer.metrics.log(trainer.step, {k: v for k, v in last.items() if k.startswith("val/")})
-        return {"trainer": trainer, "last": last}
+        return {"trainer": trainer, "last": trainer.train()}  # train() validates the final model
     finally:
         trainer.close()
         destroy_parallel()
@@ -43,7 +42,6 @@ def _run(overrides: list[str]) -> dict:
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
-
     from twotower.training.config import register_configs, to_train_config
 
     register_configs()
@@ -77,14 +75,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=200, help="denoiser training steps")
     args = ap.parse_args(argv)
     out = Path(args.out)
+    from twotower.training.quiet import quiet_third_party
+
+    quiet_third_party()
+    import shutil
+
+    for stale in ("ar", "twotower", "backbone_hf"):  # a previous demo's runs would be resumed
+        if (out / stale).exists():
+            print(f"[demo] removing the previous demo's {out / stale}", flush=True)
+            shutil.rmtree(out / stale)
 
     from twotower.data.synthetic import prepare_demo_data
 
-    print(f"[demo 1/4] data: synthetic corpus -> byte-tokenized webdataset shards in {out / 'data'}", flush=True)
+    print(f"[demo 1/5] data: synthetic corpus -> byte-tokenized webdataset shards in {out / 'data'}", flush=True)
     data = prepare_demo_data(out / "data", seq_len=256)
     common = [f"data.train.0.path={data}", f"data.valid_path={data}", "logging=none"]
 
-    print(f"[demo 2/4] backbone: AR pretraining of a tiny Nemotron-H for {args.ar_steps} steps", flush=True)
+    print(f"[demo 2/5] backbone: AR pretraining of a tiny Nemotron-H for {args.ar_steps} steps", flush=True)
     ar = common + ["experiment=demo_ar", f"trainer.run_dir={out / 'ar'}", f"trainer.max_steps={args.ar_steps}",
                    f"checkpoint.interval={args.ar_steps}"]
     ar_res = _run(ar)["last"]
@@ -94,11 +101,13 @@ def main(argv: list[str] | None = None) -> None:
     half = max(1, args.steps // 2)
     tt = common + ["experiment=demo", f"backbone={backbone}", f"trainer.run_dir={out / 'twotower'}",
                    f"checkpoint.interval={half}"]
-    print(f"[demo 3/4] TwoTower: train the denoiser to step {half}, stop (checkpoint), then resume", flush=True)
-    _run(tt + [f"trainer.max_steps={half}", "checkpoint.resume=none"])
-    res = _run(tt + [f"trainer.max_steps={args.steps}", "checkpoint.resume=auto"])["last"]
+    tt += [f"trainer.max_steps={args.steps}"]
+    print(f"[demo 3/5] TwoTower: train the denoiser, stop at step {half} as if preempted (checkpoint), "
+          "then resume", flush=True)
+    _run(tt + [f"trainer.exit_after_steps={half}", "checkpoint.resume=none"])
+    res = _run(tt + ["checkpoint.resume=auto"])["last"]
 
-    print("[demo 4/4] results", flush=True)
+    print("[demo 4/5] results", flush=True)
     summary = {
         "backbone_val_ar_nll": ar_res.get("val/ar_nll"),
         "twotower_val_nelbo": res.get("val/nelbo"),
@@ -109,6 +118,23 @@ def main(argv: list[str] | None = None) -> None:
     }
     print(json.dumps(summary, indent=2), flush=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+    print("[demo 5/5] generate from the trained TwoTower (twotower-generate --run ... --mode all)", flush=True)
+    from twotower.model.megatron_cpu import destroy_parallel
+    from twotower.training.generate import main as generate
+
+    try:
+        generate(["--run", str(out / "twotower"), "--mode", "all", "--max-new-tokens", "48",
+                  "--prompt-file", str(_prompts(out))])
+    finally:
+        destroy_parallel()
+
+
+def _prompts(out: Path) -> Path:
+    path = out / "prompts.txt"
+    # in the style of the demo corpus (data/synthetic.py): sentences, sums, counting
+    path.write_text("the small cat sees\ncount: 12 13 14\n")
+    return path
 
 
 if __name__ == "__main__":

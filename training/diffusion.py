@@ -30,7 +30,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-
 from twotower.model.config import ConfigError
 
 

@@ -42,7 +42,7 @@ class MetricsLogger:
                 self._wandb = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity,
                                          name=cfg.run_name or Path(run_dir).name, dir=str(run_dir),
                                          mode=cfg.wandb_mode, config=config, resume="allow")
-            except Exception as err:  # logging must never kill a training run
+            except Exception as err:  # noqa: BLE001 (logging must never kill a training run)
                 print(f"[twotower] wandb disabled: {err}", file=sys.stderr)
 
     def log(self, step: int, metrics: dict[str, Any], *, console: bool = True) -> None:
@@ -65,12 +65,15 @@ class MetricsLogger:
     def format(self, step: int, m: dict[str, Any]) -> str:
         parts = [f"step {step}/{self.max_steps}"]
         for key, fmt in (("loss", "loss {:.4f}"), ("val/nelbo", "val nelbo {:.4f}"),
-                         ("val/bits_per_token", "{:.3f} bits/tok"), ("val/ar_nll", "ctx AR nll {:.4f}"),
+                         ("val/bits_per_token", "{:.3f} bits/tok"), ("val/ar_nll", "val AR nll {:.4f}"),
                          ("lr", "lr {:.2e}"), ("grad_norm", "grad {:.3f}"), ("tokens_per_s", "{:,.0f} tok/s"),
                          ("tflops_per_device", "{:.2f} TFLOP/s/dev"), ("mfu", "MFU {:.1%}"),
                          ("skipped_steps", "skipped {:d}")):
             v = m.get(key)
             if v is None or (isinstance(v, float) and math.isnan(v)):
+                continue
+            if key == "tflops_per_device" and v < 1:  # CPU runs: TFLOP/s would print 0.00
+                parts.append(f"{v * 1e3:.2f} GFLOP/s/dev")
                 continue
             parts.append(fmt.format(int(v) if key == "skipped_steps" else v))
         if "loss" in m:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
 from twotower.training.config import OptimConfig
 
 
@@ -54,7 +53,9 @@ def build_scheduler(cfg: OptimConfig, optimizer, max_steps: int) -> OptimizerPar
         end_wd=cfg.weight_decay,
         wd_incr_steps=max(decay, 1),
         wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True,
-        override_opt_param_scheduler=False,
+        # On resume the configured schedule wins over the checkpoint's (a user who raises
+        # trainer.max_steps wants the decay stretched); the step count comes from the checkpoint.
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
         **kwargs,
     )

@@ -21,6 +21,9 @@ import sys
 
 import hydra
 from omegaconf import DictConfig
+from twotower.training.quiet import quiet_third_party
+
+quiet_third_party()  # before megatron is imported (its notices fire at import time)
 
 from twotower.model.config import ConfigError
 from twotower.training.config import register_configs, to_train_config
@@ -72,17 +75,26 @@ def _app(cfg: DictConfig) -> float | None:
         print(f"twotower-train: configuration error: {err}", file=sys.stderr)
         sys.exit(2)
 
+    from twotower.data.shards import BadSampleError
+    from twotower.model.hf_import import CheckpointKeyError
     from twotower.model.megatron_cpu import destroy_parallel
+    from twotower.training.checkpoint import CheckpointError
     from twotower.training.trainer import Trainer, TrainingStopped
 
-    trainer = Trainer(tc)
+    trainer = None
     try:
+        trainer = Trainer(tc)
         last = trainer.train()
     except TrainingStopped as err:
         print(f"twotower-train: stopped: {err}", file=sys.stderr)
         sys.exit(4)
+    except (CheckpointError, CheckpointKeyError, BadSampleError, ConfigError) as err:
+        # Bad input found after start-up (a checkpoint, the backbone, a shard): name it, no traceback.
+        print(f"twotower-train: {type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(5)
     finally:
-        trainer.close()
+        if trainer is not None:
+            trainer.close()
         destroy_parallel()
     return last.get("loss")
 

@@ -22,22 +22,26 @@ from pathlib import Path
 
 import torch
 from megatron.core import parallel_state as ps
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import OmegaConf
-
 from twotower.model.backbone import build_backbone
 from twotower.model.hf_import import load_hf_backbone
 from twotower.model.megatron_cpu import init_parallel
 from twotower.model.two_tower import build_two_tower
 from twotower.training import flops as flops_lib
 from twotower.training.batches import MicroBatch, SyntheticTokens, add_noise, first_sample_index
-from twotower.training.checkpoint import Checkpointer
+from twotower.training.checkpoint import Checkpointer, CheckpointError
 from twotower.training.config import TrainConfig
 from twotower.training.diffusion import NoiseSchedule, ValidationStats, validation_config
 from twotower.training.metrics import MetricsLogger
 from twotower.training.objectives import ar_forward_step, diffusion_forward_step, reduce_stats
 from twotower.training.optim import build_optimizer, build_scheduler
+from twotower.training.preemption import StopRequest
 
 
 class TrainingStopped(RuntimeError):
@@ -58,6 +62,7 @@ class Trainer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
         # 3. model (this pipeline stage), 4. DDP
         self.model = self._build_model()
+        self._pp_replicated = self._mark_pp_replicated()  # before DDP / optimizer copy param attributes
         self.ddp = DistributedDataParallel(
             self.model.config,
             DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
@@ -68,7 +73,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optim, [self.ddp], self.dtype)
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, cfg.trainer.max_steps)
         mc = self.model.config
-        mc.finalize_model_grads_func = finalize_model_grads
+        mc.finalize_model_grads_func = self._finalize_grads
         mc.no_sync_func = self.ddp.no_sync
         mc.grad_scale_func = self.optimizer.scale_loss
         # 6. data
@@ -86,8 +91,9 @@ class Trainer:
                 self.valid_loader = build_valid_loader(cfg.data, self.dp_rank, self.plan.dp, self.plan.micro_batch_size)
         # 7. checkpoint / resume
         self.step, self.consumed_tokens, self.skipped = 0, 0, 0
+        self._last_eval_step, self.stopped_early = -1, False
         self.checkpointer = Checkpointer(cfg.checkpoint)
-        extra = self.checkpointer.load(self.model, self.optimizer, self.scheduler)
+        extra = self.checkpointer.load(self.model, self.optimizer, self.scheduler, check=self._check_resumable)
         if extra:
             self._restore(extra)
         # 8. metrics (global rank 0 writes)
@@ -121,6 +127,47 @@ class Trainer:
                 load_hf_backbone(model.context_tower, cfg.backbone)
                 model.init_denoiser_from_context()
         return model.to(self.device)
+
+    def _mark_pp_replicated(self) -> list[torch.nn.Parameter]:
+        """Parameters every pipeline stage holds a full copy of (the denoiser's adaLN-single):
+        each stage only sees the gradient of its own layers, so the copies' gradients are summed
+        over the PP group before the DP reduction, and only stage 0's copy counts in the grad
+        norm (megatron's ``shared`` flag, as for tied embeddings)."""
+        if self.cfg.objective != "diffusion" or ps.get_pipeline_model_parallel_world_size() == 1:
+            return []
+        params = [p for p in self.model.adaln.parameters() if p.requires_grad]
+        if ps.get_pipeline_model_parallel_rank() > 0:
+            for p in params:
+                p.shared = True
+        return params
+
+    def _finalize_grads(self, model, *args, **kwargs):
+        if self._pp_replicated:
+            group = ps.get_pipeline_model_parallel_group()
+            for p in self._pp_replicated:
+                torch.distributed.all_reduce(p.main_grad, group=group)
+        return finalize_model_grads(model, *args, **kwargs)
+
+    def _check_resumable(self, path, extra: dict) -> None:
+        """A checkpoint of another model or objective is refused by name before any tensor is read
+        (the parallel layout, batch and schedule may change; the architecture may not)."""
+        saved = extra.get("config") or {}
+        now = OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True)
+        diffs = [f"model.{k}: checkpoint {v!r}, this run {now['model'].get(k)!r}"
+                 for k, v in (saved.get("model") or {}).items() if now["model"].get(k) != v]
+        for key in ("objective",):
+            if key in saved and saved[key] != now[key]:
+                diffs.append(f"{key}: checkpoint {saved[key]!r}, this run {now[key]!r}")
+        if diffs:
+            raise CheckpointError(f"checkpoint {path} was trained with another configuration; "
+                                  f"point checkpoint.dir elsewhere or checkpoint.resume=none: " + "; ".join(diffs))
+        changed = [f"{g}.{k} {saved[g][k]!r} -> {now[g][k]!r}" for g, keys in
+                   (("trainer", ("max_steps", "global_batch_size", "seq_len")),
+                    ("optim", ("lr", "min_lr", "warmup_steps", "schedule", "decay_steps")))
+                   for k in keys if k in (saved.get(g) or {}) and k in now[g] and saved[g][k] != now[g][k]]
+        if changed and self.rank == 0:
+            print(f"[twotower] resuming {path} with a changed schedule/batch (this run's values apply from "
+                  f"step {extra.get('step')} on): " + ", ".join(changed), flush=True)
 
     def _restore(self, extra: dict) -> None:
         self.step = int(extra["step"])
@@ -184,6 +231,9 @@ class Trainer:
         micro = self._micro_batches(self.step, self._tokens, self.cfg.diffusion)
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
+        # megatron updates the MoE routers' score-correction bias inside finalize_model_grads,
+        # before we know whether the step is kept: snapshot it so a skipped step changes nothing.
+        biases = [(b, b.detach().clone()) for name, b in self.model.named_buffers() if name.endswith("expert_bias")]
         s = self._run_schedule(micro, forward_only=False)
         out = {"loss": s["loss_sum"] / max(s["tokens"], 1), "lr": self.scheduler.get_lr(self.optimizer.param_groups[0])}
         if self.cfg.objective == "diffusion" and s["masked"]:
@@ -191,8 +241,13 @@ class Trainer:
             out["mask_rate"] = s["masked"] / s["tokens"]
         if s["nonfinite"] > 0:  # every rank sees the same reduced flag: all skip together
             self.skipped += 1
+            with torch.no_grad():
+                for buf, saved in biases:
+                    buf.copy_(saved)
             self._nonfinite_streak = getattr(self, "_nonfinite_streak", 0) + 1
             out.update(loss=float("nan"), grad_norm=float("nan"), skipped_steps=self.skipped)
+            if "masked_ce" in out:
+                out["masked_ce"] = float("nan")
             if self._nonfinite_streak >= self.cfg.trainer.max_consecutive_nonfinite:
                 raise TrainingStopped(f"{self._nonfinite_streak} non-finite losses in a row at step {self.step} "
                                       "(trainer.max_consecutive_nonfinite); lower optim.lr or check the data")
@@ -226,6 +281,7 @@ class Trainer:
             for key, v in self._run_schedule(micro, forward_only=True, ar_nll=True).items():
                 totals[key] = totals.get(key, 0.0) + v
         self.ddp.train()
+        self._last_eval_step = self.step
         if c.objective == "ar":
             stats = ValidationStats(ar_nll_sum=totals.get("ar_nll_sum", 0.0), ar_tokens=int(totals.get("ar_tokens", 0)))
             return {k: v for k, v in stats.summary().items() if k.startswith("val/ar")}
@@ -245,13 +301,49 @@ class Trainer:
         if self.rank == 0:
             print(f"[twotower] saved checkpoint {path}", flush=True)
 
+    def describe(self) -> str:
+        """One start-up line: what is trained, on which layout, with which batch, where it logs."""
+        c, t, p = self.cfg, self.cfg.trainer, self.cfg.parallel
+        total = sum(x.numel() for x in self.model.parameters())
+        trainable = sum(x.numel() for x in self.model.parameters() if x.requires_grad)
+        data = "synthetic sequences" if self.synthetic is not None else ", ".join(
+            f"{d.path} (w={d.weight:g})" for d in c.data.train)
+        start = f"resumed at step {self.step}" if self.step else "fresh start"
+        return (f"[twotower] {c.objective} | {total / 1e6:.2f}M params on this rank, {trainable / 1e6:.2f}M trained "
+                f"| TP{p.tp} PP{p.pp} EP{p.ep} DP{self.plan.dp} | batch {self.plan.global_batch_size} x {t.seq_len} "
+                f"tokens ({self.plan.num_microbatches} micro-batches of {self.plan.micro_batch_size}) | "
+                f"{t.max_steps} steps | {self.dtype} on {self.device} | data: {data} | {start} | run dir {self.run_dir}")
+
     def train(self) -> dict[str, float]:
         t = self.cfg.trainer
-        last: dict[str, float] = {}
+        if self.rank == 0:
+            print(self.describe(), flush=True)
         window_t0, window_tokens = time.perf_counter(), self.consumed_tokens
         n_dev = torch.distributed.get_world_size()
-        peak = t.peak_flops_per_device or flops_lib.peak_flops(
-            torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+        peak = t.peak_flops_per_device or None
+        if peak is None and torch.cuda.is_available():
+            peak = flops_lib.peak_flops(torch.cuda.get_device_name(), "bf16" if self.dtype == torch.bfloat16 else "fp32")
+        stop = StopRequest(self.device)
+        self.stopped_early = False
+        self._launch_step, self._launch_t0 = self.step, time.perf_counter()
+        try:
+            last = self._loop(t, peak, n_dev, stop, window_t0, window_tokens)
+        finally:
+            stop.restore()
+        if self.cfg.checkpoint.interval and self.step % self.cfg.checkpoint.interval != 0:
+            self.save()
+        elif self.stopped_early and not self.cfg.checkpoint.interval:
+            self.save()  # a preempted run always leaves a checkpoint to resume from
+        if not self.stopped_early and self._last_eval_step != self.step and self._has_validation():
+            last |= self.evaluate()  # the final model is always validated
+            self.metrics.log(self.step, {k: v for k, v in last.items() if k.startswith("val/")})
+        return last
+
+    def _has_validation(self) -> bool:
+        return self.valid_loader is not None or self.synthetic is not None
+
+    def _loop(self, t, peak, n_dev, stop, window_t0, window_tokens) -> dict[str, float]:
+        last: dict[str, float] = {}
         while self.step < t.max_steps:
             last = self.train_step()
             if self.step % t.log_interval == 0 or self.step == t.max_steps:
@@ -260,16 +352,28 @@ class Trainer:
                                       // (self.plan.global_batch_size * t.seq_len), 1)
                 last["tokens_per_s"] = (self.consumed_tokens - window_tokens) / max(dt, 1e-9)
                 last["tflops_per_device"] = self.flops_per_step * steps_in_window / max(dt, 1e-9) / n_dev / 1e12
-                last["mfu"] = flops_lib.mfu(self.flops_per_step, dt / steps_in_window, n_dev, peak)
+                if peak:  # CPUs have no datasheet peak: MFU only when trainer.peak_flops_per_device is set
+                    last["mfu"] = flops_lib.mfu(self.flops_per_step, dt / steps_in_window, n_dev, peak)
                 last["skipped_steps"] = self.skipped
                 self.metrics.log(self.step, last)
                 window_t0, window_tokens = time.perf_counter(), self.consumed_tokens
             if t.eval_interval and self.step % t.eval_interval == 0:
-                self.metrics.log(self.step, self.evaluate())
+                val = self.evaluate()
+                last |= val
+                self.metrics.log(self.step, val)
             if self.cfg.checkpoint.interval and self.step % self.cfg.checkpoint.interval == 0:
                 self.save()
-        if self.cfg.checkpoint.interval and self.step % self.cfg.checkpoint.interval != 0:
-            self.save()
+            by_steps = bool(t.exit_after_steps) and self.step - self._launch_step >= t.exit_after_steps
+            by_time = bool(t.exit_after_minutes) and time.perf_counter() - self._launch_t0 >= 60 * t.exit_after_minutes
+            if stop.requested(by_steps or by_time):
+                self.stopped_early = self.step < t.max_steps
+                if self.rank == 0 and self.stopped_early:
+                    why = (f"signal {stop.signal_name}" if stop.signal_name else
+                           f"trainer.exit_after_steps={t.exit_after_steps}" if by_steps else
+                           f"trainer.exit_after_minutes={t.exit_after_minutes}")
+                    print(f"[twotower] stopping at step {self.step}/{t.max_steps} ({why}); "
+                          "relaunch the same command to resume", flush=True)
+                break
         return last
 
     def close(self) -> None:

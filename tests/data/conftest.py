@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from data_helpers import make_docs, tokenized  # noqa: E402
+from data_helpers import make_docs, tokenized
 
 
 @pytest.fixture(scope="session")

@@ -67,7 +67,7 @@ def ce_of(logits, x0):
                                          ("MEM*", 16, 32)])
 def test_vectorised_equals_naive_block_loop(megatron_world1, pattern, S, L):
     cfg, model = tiny(pattern, S)
-    x0, xt, t, masked = batch(cfg, 2, L, S)
+    x0, xt, t, _masked = batch(cfg, 2, L, S)
     fast = model(x0, xt, t, return_logits=True)
     ref_logits = naive(model, x0, xt, t, S)
     finite = torch.isfinite(ref_logits)
@@ -117,7 +117,7 @@ def test_fresh_denoiser_is_the_backbone(megatron_world1):
 
 def test_adaln_modulates_the_normed_input(megatron_world1):
     """adaLN order: the mixer sees (1 + scale) * rmsnorm(x) + shift, and the gate scales its output."""
-    cfg, model = tiny("-", 4)
+    _cfg, model = tiny("-", 4)
     layer = model.denoiser_tower.layers[0]
     seen = {}
     layer.mixer.register_forward_hook(lambda m, args, out: seen.update(inp=args[0], out=out[0]))
@@ -161,7 +161,7 @@ def test_one_step_leaves_context_tower_bit_identical(megatron_world1):
     (dict(S=32), "twotower.block_size=32 is larger than the sequence length 16"),
 ])
 def test_bad_shapes_are_named(megatron_world1, kw, msg):
-    cfg, model = tiny("M-", kw.get("S", 4))
+    _cfg, model = tiny("M-", kw.get("S", 4))
     L = kw.get("L", 16)
     x0 = torch.randint(4, 64, (1, L))
     with pytest.raises(ConfigError, match=msg):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_helpers import compose  # noqa: E402
+from train_helpers import compose
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from twotower.model.config import ConfigError
 
 REPO = Path(__file__).parents[2]
@@ -63,9 +62,9 @@ def test_bad_values_are_refused(compose_config, override, msg):
 
 
 def test_unknown_key_is_refused(compose_config):
-    from omegaconf.errors import ConfigKeyError
+    from hydra.errors import ConfigCompositionException
 
-    with pytest.raises(ConfigKeyError, match="trainer.max_stepz"):
+    with pytest.raises(ConfigCompositionException, match="trainer.max_stepz"):
         compose_config("experiment=smoke_cpu", "trainer.max_stepz=3")
 
 
@@ -73,7 +72,7 @@ def test_cli_fails_fast_with_a_named_key(tmp_path):
     env = dict(os.environ, WORLD_SIZE="1")
     out = subprocess.run([sys.executable, "-m", "twotower.training.train", "experiment=smoke_cpu",
                           "parallel.ep=3", f"trainer.run_dir={tmp_path}"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "parallel.ep=3 does not divide model.num_experts" in out.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
