@@ -135,9 +135,10 @@ def _local_states(xdt: Tensor, a: Tensor, B: Tensor, q: int) -> tuple[Tensor, Te
 
 
 def _chunk_scan(xdt: Tensor, a: Tensor, B: Tensor, C: Tensor, q: int,
-                init: Tensor | None) -> tuple[Tensor, Tensor]:
+                init: Tensor | None, need_ends: bool = True) -> tuple[Tensor, Tensor | None]:
     """SSD steps 1-4 on fp32 inputs with L % q == 0. Returns y (b, L, h, p) without the D term
-    and the chunk end states (b, L/q, h, p, n)."""
+    and the chunk end states (b, L/q, h, p, n); with ``need_ends=False`` and a single chunk (the
+    denoiser's block-wise scan) no state is formed at all: the output only needs ``init``."""
     b, L, h, p = xdt.shape
     g, n = B.shape[2:]
     r, c = h // g, L // q
@@ -152,13 +153,18 @@ def _chunk_scan(xdt: Tensor, a: Tensor, B: Tensor, C: Tensor, q: int,
     M = G[:, :, :, None] * torch.exp(_segsum(ac))  # (b, c, g, r, q, q)
     y = torch.einsum("bcgrij,bcjgrp->bcigrp", M, xg)
 
-    # 2-3. chunk-local states, then the inter-chunk recurrence (states at chunk ends).
-    U, a_tot = _local_states(xdt, a, B, q)
-    ends = _state_scan(a_tot, U, init)  # (b, c, h, p, n)
-
-    # 4. contribution of the state entering each chunk.
-    first = init[:, None] if init is not None else torch.zeros_like(ends[:, :1])
-    starts = torch.cat([first, ends[:, :-1]], dim=1).view(b, c, g, r, p, n)
+    if c == 1 and not need_ends:
+        if init is None:
+            return y.reshape(b, L, h, p), None
+        starts = init.view(b, 1, g, r, p, n)
+        ends = None
+    else:
+        # 2-3. chunk-local states, then the inter-chunk recurrence (states at chunk ends).
+        U, a_tot = _local_states(xdt, a, B, q)
+        ends = _state_scan(a_tot, U, init)  # (b, c, h, p, n)
+        # 4. contribution of the state entering each chunk.
+        first = init[:, None] if init is not None else torch.zeros_like(ends[:, :1])
+        starts = torch.cat([first, ends[:, :-1]], dim=1).view(b, c, g, r, p, n)
     y_off = torch.einsum("bcign,bcgrpn->bcigrp", Cc, starts)
     y = y + y_off * torch.exp(a_cum).permute(0, 1, 4, 2, 3)[..., None]
     return y.reshape(b, L, h, p), ends
@@ -212,13 +218,15 @@ def _ssd_torch(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_limit, in
     acc = xdt.dtype
     init = init.to(acc) if init is not None else None
     q, mode = _plan(chunk_size, state_every)
+    if mode == "none" and l < q:
+        q = l  # one short chunk (e.g. a denoiser block): padding to chunk_size would waste work
     pad = (-l) % q  # zero dt'x and zero log-decay: padded steps change neither y nor the state
     if pad:
         xdt = F.pad(xdt, (0, 0, 0, 0, 0, pad))
         a = F.pad(a, (0, 0, 0, pad))
     Bf = F.pad(B.to(acc), (0, 0, 0, 0, 0, pad))
     Cf = F.pad(C.to(acc), (0, 0, 0, 0, 0, pad))
-    y, ends = _chunk_scan(xdt, a, Bf, Cf, q, init)
+    y, ends = _chunk_scan(xdt, a, Bf, Cf, q, init, need_ends=mode != "none" or return_final_state)
     y = y[:, :l]
     if D is not None:
         y = y + x.to(acc) * D.to(acc).view(h, -1)  # D: (h,) or (h, p)

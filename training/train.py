@@ -65,7 +65,13 @@ def _app(cfg: DictConfig) -> float | None:
     try:
         tc = to_train_config(cfg)
         if _PLAN:
-            report = _plan(tc)
+            from twotower.training.planner import PlanError
+
+            try:
+                report = _plan(tc)
+            except PlanError as err:
+                print(f"twotower-train --plan: {err}", file=sys.stderr)
+                sys.exit(3)
             print(report.table())
             if not report.fits:
                 sys.exit(3)

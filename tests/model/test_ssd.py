@@ -225,3 +225,15 @@ def test_mamba_ssm_backend_matches_torch(S):
         torch.testing.assert_close(o_m.boundary_states, o_t.boundary_states, atol=1e-3, rtol=1e-3)
     for k in g_t:
         torch.testing.assert_close(g_m[k], g_t[k], atol=1e-3, rtol=1e-3, msg=k)
+
+
+@pytest.mark.parametrize("use_init", [True, False])
+def test_short_sequence_without_states_matches_sequential(use_init):
+    """A denoiser block (l < chunk, no state requested) takes the no-state, no-padding path."""
+    t = make(l=12, h=4, g=2)
+    init = t["init"] if use_init else None
+    out = run(t, chunk_size=64, D=t["D"], dt_bias=t["dt_bias"], initial_states=init)
+    y_ref, _ = naive_ssd(t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["dt_bias"], True,
+                         (0.0, float("inf")), init)
+    assert out.final_state is None and out.boundary_states is None
+    torch.testing.assert_close(out.y.double(), y_ref, atol=1e-5, rtol=1e-5)

@@ -22,8 +22,9 @@ def test_every_experiment_composes_and_validates(compose_config, experiment):
 
 
 def test_nano_experiment_has_the_reported_shape(compose_config):
-    cfg = compose_config("experiment=twotower_nano_2p1t", "cluster.nodes=64")
-    assert cfg.model.num_layers == 52 and cfg.parallel.ep == 8 and cfg.twotower.block_size == 16
+    cfg = compose_config("experiment=twotower_nano_2p1t")
+    assert cfg.model.num_layers == 52 and cfg.parallel.ep == 16 and cfg.twotower.block_size == 16
+    assert cfg.cluster.nodes * cfg.cluster.gpus_per_node == 512
     plan = cfg.validate(512)
     tokens = cfg.trainer.max_steps * cfg.trainer.global_batch_size * cfg.trainer.seq_len
     assert 2.0e12 < tokens < 2.2e12 and plan.dp == 512 and plan.num_microbatches == 6
