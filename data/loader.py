@@ -22,10 +22,11 @@ same on every rank, so saving rank 0's copy is enough. If dp_size, num_workers o
 change, slots cannot be mapped one to one; ``DataConfig.on_dp_change`` decides (default: warn and
 restart the oldest epoch in progress with the new layout; nothing is skipped, see config.py).
 
-Throughput (tests/benchmarks/bench_loader.py, 2 CPU cores, seq_len 8192, page-cached shards): ~400M
-tokens/s in-process (num_workers=0, ~0.46x a plain np.fromfile of the shards) and ~120M tokens/s with
-workers, where the pipe from worker to main process is the limit: thousands of times what a training
-rank consumes. Workers still pay off when shards come from a slow or remote file system.
+Throughput (tests/benchmarks/bench_loader.py, 2 CPU cores, seq_len 4096, page-cached shards): ~380M
+tokens/s in-process (num_workers=0, ~0.5x a plain np.fromfile, which writes half the bytes of the
+int64 batches) and ~80M tokens/s with workers, where the pipe to the main process is the limit:
+thousands of times what a training rank consumes. Workers pay off when shards come from a slow or
+remote file system.
 
 Validation (``split="valid"``): one pass, no shuffling, no blend, the same batches on every run for
 a given dp_size; every ``iter()`` starts the pass from the beginning.
@@ -59,6 +60,11 @@ class _Decoder:
 
     def open_indexed(self, v) -> IndexedShard:
         return IndexedShard(v.path, v.index, v.total, self.seq_len, self.vocab_size, self.with_doc_ids)
+
+    def many(self, shard: IndexedShard, js: list[int]) -> list[dict | None]:
+        """Samples ``js`` of an indexed shard, in order; the same results, errors and logs as one by one."""
+        fast = shard.samples(js)
+        return [s if s is not None else self((shard, j)) for s, j in zip(fast, js)]
 
     def __call__(self, item: dict | tuple) -> dict | None:
         try:
@@ -173,13 +179,16 @@ class _SlotDataset(IterableDataset):
         # Batches cross the process boundary as compact numpy arrays (pickled through the worker's pipe:
         # measured several times faster than torch's per-tensor shared-memory segments for batches
         # this size); TokenLoader.__next__ widens them to int64 tensors.
-        signed = any(s["tokens"].dtype.kind == "i" for s in batch)
+        # in-process (num_workers=0) there is no pipe: widen to int64 in the same single copy
+        signed = self.plan.cfg.num_workers == 0 or any(s["tokens"].dtype.kind == "i" for s in batch)
         arr = np.empty((len(batch), self.plan.cfg.seq_len), dtype=np.int64 if signed else np.uint32)
+        lengths = np.empty(len(batch), dtype=np.int64)
         for i, s in enumerate(batch):
             arr[i] = s["tokens"]  # the one copy out of the page cache
+            lengths[i] = s["length"]
         out = {
             "tokens": arr,
-            "lengths": np.array([s["length"] for s in batch], dtype=np.int64),
+            "lengths": lengths,
             "_worker": logical,
             "_position": pos,
         }
@@ -255,6 +264,8 @@ class TokenLoader:
             list(self.base_epochs),
         )
         nw = self.cfg.num_workers
+        if nw == 0:  # what DataLoader(num_workers=0, batch_size=None, identity collate) does, minus its overhead
+            return iter(ds)
         dl = DataLoader(
             ds,
             batch_size=None,

@@ -292,6 +292,48 @@ class IndexedShard:
             raw["doc_ids.npy"] = self.data[off : off + n].tobytes()
         return raw
 
+    def samples(self, js: list[int]) -> list[dict | None]:
+        """Fast path for many samples: headers and vocab checked with a few numpy ops per dtype group.
+
+        Entry ``i`` is sample ``js[i]`` as :meth:`sample` returns it, or None where that sample needs
+        the per-sample path (a bad header, an out-of-vocab id, doc ids), which then raises or decodes.
+        """
+        out: list[dict | None] = [None] * len(js)
+        if not js or self.with_doc_ids or not self.data.size:
+            return out
+        jj = np.asarray(js, dtype=np.int64)
+        offs, sizes = self.tok[jj, 0], self.tok[jj, 1]
+        for header, dtype in self.headers.items():
+            h = len(header)
+            nbytes = h + self.seq_len * dtype.itemsize
+            cand = np.flatnonzero((sizes == nbytes) & (offs >= 0) & (offs + nbytes <= self.data.size))
+            if not cand.size:
+                continue
+            heads = self.data[offs[cand, None] + np.arange(h)]
+            cand = cand[(heads == np.frombuffer(header, np.uint8)).all(axis=1)]
+            if not cand.size:
+                continue
+            starts = offs[cand] + h
+            step = int(starts[1] - starts[0]) if cand.size > 1 else nbytes
+            if step >= nbytes and (np.diff(starts) == step).all() and starts[0] % dtype.itemsize == 0:
+                # evenly spaced samples (fixed-size records): one strided view over the mmap
+                rows = np.ndarray(
+                    (cand.size, self.seq_len), dtype, self.data, int(starts[0]), (step, dtype.itemsize)
+                )
+            else:
+                rows = [np.frombuffer(self.data, dtype, self.seq_len, int(o)) for o in starts]
+                rows = np.stack(rows) if rows else np.zeros((0, self.seq_len), dtype)
+            good = np.ones(cand.size, dtype=bool)
+            if self.vocab_size is not None and self.seq_len:
+                good &= rows.max(axis=1) < self.vocab_size
+                if dtype.kind == "i":
+                    good &= rows.min(axis=1) >= 0
+            lengths = self.length[jj[cand]].tolist()
+            for i, c in enumerate(cand.tolist()):
+                if good[i]:
+                    out[c] = {"tokens": rows[i], "length": lengths[i]}
+        return out
+
     def sample(self, j: int) -> dict:
         off, n = (int(x) for x in self.tok[j])
         for header, dtype in self.headers.items():

@@ -159,6 +159,11 @@ class SlotStream:
             offset = pos - acc
             it = self._open(epoch, k, assign[k], offset)
             take = min(hi - pos, self.vshards[assign[k]].samples - offset)
+            if isinstance(it, _IndexedIter):  # decode the whole window at once (same samples, same order)
+                out.extend(it.take(take))
+                pos += take
+                self._cursor = (epoch, k, offset + take, it)
+                continue
             for i in range(take):
                 item = next(it, _END)
                 if item is _END:
@@ -181,10 +186,11 @@ class SlotStream:
 
     def _vshard_iter(self, v: VShard, offset: int) -> Iterator[dict | None]:
         if v.index is not None and self.open_indexed is not None:
-            shard = self.open_indexed(v)
-            for j in range(v.part + offset * v.stride, v.total, v.stride):
-                yield self.decode((shard, j))
-            return
+            js = range(v.part + offset * v.stride, v.total, v.stride)
+            return _IndexedIter(self.open_indexed(v), js, self.decode)
+        return self._tar_iter(v, offset)
+
+    def _tar_iter(self, v: VShard, offset: int) -> Iterator[dict | None]:
         kept = 0
         for j, raw in enumerate(iter_shard(v.path)):
             if j % v.stride != v.part:
@@ -192,6 +198,29 @@ class SlotStream:
             if kept >= offset:  # skipped samples are not decoded
                 yield self.decode(raw)
             kept += 1
+
+
+class _IndexedIter:
+    """Samples of an indexed vshard; ``take(n)`` decodes the next ``n`` in one batched call."""
+
+    def __init__(self, shard, js: range, decode):
+        self.shard, self.js, self.i, self.decode = shard, js, 0, decode
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict | None:
+        if self.i >= len(self.js):
+            raise StopIteration
+        return self.take(1)[0]
+
+    def take(self, n: int) -> list[dict | None]:
+        js = list(self.js[self.i : self.i + n])
+        self.i += len(js)
+        many = getattr(self.decode, "many", None)
+        if many is None:
+            return [self.decode((self.shard, j)) for j in js]
+        return many(self.shard, js)
 
 
 class BlendSampler:

@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--temperature", type=float, default=0.0)
     args = ap.parse_args(argv)
     import torch
-    from twotower.model.decoding import generate_ar, generate_mask_diffusion, generate_mock_ar
+    from twotower.training.quiet import quiet_third_party
 
+    quiet_third_party()
     model, cfg = load_run(args.run, args.checkpoint)
     tok = tokenizer_for(cfg)
     prompts = [args.prompt] if args.prompt else Path(args.prompt_file).read_text().splitlines()
@@ -79,6 +80,16 @@ def main(argv: list[str] | None = None) -> None:
     kw = dict(block_size=S, steps_per_block=args.steps_per_block or S, mask_token_id=cfg.twotower.mask_token_id,
               temperature=args.temperature, eos_token_id=tok.eos_id)
     modes = ["diffusion", "mock_ar", "ar"] if args.mode == "all" else [args.mode]
+    # Decoding shapes change every step: megatron's torch.compile'd fusions (squared ReLU, ...)
+    # would recompile until dynamo's limit for no gain at these sizes, so run them eagerly.
+    with torch.compiler.set_stance("force_eager"):
+        _decode_all(model, tok, prompts, modes, args, kw)
+
+
+def _decode_all(model, tok, prompts, modes, args, kw) -> None:
+    import torch
+    from twotower.model.decoding import generate_ar, generate_mask_diffusion, generate_mock_ar
+
     for prompt in prompts:
         ids = torch.tensor([tok.encode(prompt)], dtype=torch.long)
         for mode in modes:

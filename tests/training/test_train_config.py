@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -77,3 +78,19 @@ def test_cli_fails_fast_with_a_named_key(tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert "parallel.ep=3 does not divide model.num_experts" in out.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_multirun_sweeps_in_one_process(tmp_path):
+    """Hydra -m: each job gets its own run dir and megatron state (torn down between jobs)."""
+    env = dict(os.environ, WORLD_SIZE="1")
+    out = subprocess.run([sys.executable, "-m", "twotower.training.train", "-m", "experiment=smoke_cpu",
+                          "optim.lr=1e-3,3e-3", "trainer.max_steps=2", "trainer.log_interval=1",
+                          "optim.warmup_steps=0", "checkpoint.interval=0", f"hydra.sweep.dir={tmp_path}/sweep",
+                          f"trainer.run_dir={tmp_path}/lr" + "${optim.lr}"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for lr in (0.001, 0.003):
+        rows = [json.loads(x) for x in (tmp_path / f"lr{lr}" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+        assert rows[0]["lr"] == pytest.approx(lr)
