@@ -18,6 +18,13 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: more than ~20 s on 2 CPU cores (still run in CI)")
     config.addinivalue_line("markers", "distributed: launches torchrun with several gloo ranks")
     config.addinivalue_line("markers", "gpu: needs CUDA (skipped on CPU machines)")
+    # The third-party notices the CLIs silence (twotower.training.quiet) would bury real warnings.
+    import re
+
+    from twotower.training.quiet import KNOWN
+
+    for prefix, category in KNOWN:
+        config.addinivalue_line("filterwarnings", f"ignore:{re.escape(prefix)}:{category.__name__}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
