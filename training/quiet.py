@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 
 #: (message prefix, category) of the silenced warnings.
@@ -39,13 +40,8 @@ def quiet_third_party() -> None:
     if os.environ.get("TWOTOWER_VERBOSE"):
         return
     for prefix, category in KNOWN:
-        warnings.filterwarnings("ignore", message=_regex(prefix), category=category)
+        warnings.filterwarnings("ignore", message=re.escape(prefix), category=category)
     env = [f"ignore:{prefix}:{category.__name__}" for prefix, category in KNOWN if ":" not in prefix]
     os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS", ""), *env]))
     logging.getLogger("megatron").setLevel(logging.WARNING)
 
-
-def _regex(prefix: str) -> str:
-    import re
-
-    return re.escape(prefix)

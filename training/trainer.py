@@ -29,6 +29,7 @@ from megatron.core.distributed import (
 )
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import OmegaConf
+
 from twotower.model.backbone import build_backbone
 from twotower.model.hf_import import load_hf_backbone
 from twotower.model.megatron_cpu import init_parallel
@@ -155,9 +156,8 @@ class Trainer:
         now = OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True)
         diffs = [f"model.{k}: checkpoint {v!r}, this run {now['model'].get(k)!r}"
                  for k, v in (saved.get("model") or {}).items() if now["model"].get(k) != v]
-        for key in ("objective",):
-            if key in saved and saved[key] != now[key]:
-                diffs.append(f"{key}: checkpoint {saved[key]!r}, this run {now[key]!r}")
+        if "objective" in saved and saved["objective"] != now["objective"]:
+            diffs.append(f"objective: checkpoint {saved['objective']!r}, this run {now['objective']!r}")
         if diffs:
             raise CheckpointError(f"checkpoint {path} was trained with another configuration; "
                                   f"point checkpoint.dir elsewhere or checkpoint.resume=none: " + "; ".join(diffs))
@@ -330,10 +330,12 @@ class Trainer:
             last = self._loop(t, peak, n_dev, stop, window_t0, window_tokens)
         finally:
             stop.restore()
-        if self.cfg.checkpoint.interval and self.step % self.cfg.checkpoint.interval != 0:
+        interval = self.cfg.checkpoint.interval
+        saved_in_loop = bool(interval) and self.step % interval == 0
+        # the last step is saved (always when stopped early: the next launch resumes from it),
+        # unless the loop just did, or this launch trained no step at all
+        if (interval or self.stopped_early) and not saved_in_loop and self.step > self._launch_step:
             self.save()
-        elif self.stopped_early and not self.cfg.checkpoint.interval:
-            self.save()  # a preempted run always leaves a checkpoint to resume from
         if not self.stopped_early and self._last_eval_step != self.step and self._has_validation():
             last |= self.evaluate()  # the final model is always validated
             self.metrics.log(self.step, {k: v for k, v in last.items() if k.startswith("val/")})

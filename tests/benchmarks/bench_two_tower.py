@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -81,28 +82,22 @@ def step_fn(model, kind, a, batch, backward=True):
 
 
 def naive_fn(model, a, batch, backward):
-    """The oracle block loop of tests/model/test_two_tower.py::naive, with the same loss."""
-    from twotower.model.cache import TowerCache
+    """The oracle block loop of the tests (tests/model/naive_block_loop.py), with the same loss."""
     from twotower.training.diffusion import NoiseSchedule, diffusion_loss
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "model"))
+    from naive_block_loop import naive
 
     x0, xt, t, masked = batch
     x0 = x0[:, :-1]
-    S = a.S
 
     def run():
         model.zero_grad(set_to_none=True)
         with torch.set_grad_enabled(backward):
-            out = []
-            for blk in range(x0.shape[1] // S):
-                if blk == 0:
-                    cache = TowerCache.empty(len(model.context_tower.layers))
-                else:
-                    _, cache = model.context_forward(x0[:, : blk * S])
-                out.append(model.denoise_block(xt[:, blk * S:(blk + 1) * S], t[:, blk], cache))
-            logits = torch.cat(out, dim=1)
+            logits = naive(model, x0, xt, t, a.S)
             ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x0.flatten(),
                                                    reduction="none").view(x0.shape)
-            loss = diffusion_loss(ce, masked, t, S, NoiseSchedule()).loss_sum
+            loss = diffusion_loss(ce, masked, t, a.S, NoiseSchedule()).loss_sum
             if backward:
                 loss.backward()
     return run

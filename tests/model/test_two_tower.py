@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from twotower.model.cache import TowerCache
+from naive_block_loop import naive
+
 from twotower.model.config import BackboneConfig, ConfigError, ParallelConfig
 from twotower.model.two_tower import TwoTowerConfig, build_two_tower
 
@@ -44,19 +45,6 @@ def batch(cfg, b, L, S, seed=0):
     masked = torch.rand(b, L, generator=g) < t.repeat_interleave(S, 1)
     xt = torch.where(masked, torch.full_like(x0, MASK), x0)
     return x0, xt, t, masked
-
-
-def naive(model, x0, xt, t, S):
-    """Oracle: for each block, a plain causal context pass over the clean prefix, then the
-    denoiser over that block alone, seeded with the prefix's final states."""
-    out = []
-    for blk in range(x0.shape[1] // S):
-        if blk == 0:
-            cache = TowerCache.empty(len(model.context_tower.layers))
-        else:
-            _, cache = model.context_forward(x0[:, : blk * S])
-        out.append(model.denoise_block(xt[:, blk * S:(blk + 1) * S], t[:, blk], cache))
-    return torch.cat(out, dim=1)
 
 
 def ce_of(logits, x0):
