@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
 from twotower.data.config import DataConfig
 from twotower.data.shards import BadSampleError, IndexedShard, ShardInfo, decode_sample, read_manifest
 from twotower.data.stream import BlendSampler, SlotStream, virtual_shards

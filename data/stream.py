@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+
 from twotower.data.shards import BadSampleError, ShardInfo, iter_shard
 
 log = logging.getLogger(__name__)

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
 from twotower.data.corpus import expand_inputs, iter_documents
 from twotower.data.shards import FORMAT, MANIFEST, AtomicShardWriter, write_manifest
 from twotower.data.tokenizers import check_vocab, load_tokenizer

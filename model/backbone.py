@@ -20,6 +20,7 @@ from megatron.core.models.common.embeddings.language_model_embedding import Lang
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
+
 from twotower.model.config import BackboneConfig, ParallelConfig, to_transformer_config
 from twotower.model.layers import HybridLayer, HybridLayerSpecs, get_hybrid_layer_specs
 from twotower.model.norm import RMSNorm

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+
 from twotower.model.cache import TowerCache
 
 

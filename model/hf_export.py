@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
+
 from twotower.model.config import BackboneConfig
 
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 from megatron.core import parallel_state
+
 from twotower.model.config import BackboneConfig
 
 _FUSED = re.compile(r"^layers\.(\d+)\.mixer\.experts\.(up_proj|down_proj)(\.weight)?$")

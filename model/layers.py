@@ -28,6 +28,7 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
+
 from twotower.model.adaln import Modulation
 from twotower.model.attention import SelfAttention
 from twotower.model.config import BackboneConfig, ParallelConfig

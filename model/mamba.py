@@ -29,6 +29,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
+
 from twotower.model.causal_conv import causal_conv1d
 from twotower.model.config import BackboneConfig
 from twotower.model.norm import GatedRMSNorm

@@ -36,6 +36,7 @@ from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.utils.checkpoint import checkpoint
+
 from twotower.model.adaln import AdaLNSingle
 from twotower.model.backbone import NemotronHModel, gather_logits
 from twotower.model.cache import LayerCache, TowerCache

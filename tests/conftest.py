@@ -100,6 +100,7 @@ def megatron_world1(monkeypatch):
     Yields megatron's ``parallel_state``.
     """
     import torch
+
     from twotower.model import megatron_cpu
 
     if torch.distributed.is_initialized():

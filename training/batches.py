@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from twotower.training.config import BatchPlan
 from twotower.training.diffusion import DiffusionConfig, NoiseSchedule, mask_tokens, sample_block_times
 

@@ -235,6 +235,7 @@ class Checkpointer:
         ``check(path, extra)``, if given, runs before any tensor is read (e.g. to compare the
         saved config with this run's and raise a readable CheckpointError)."""
         from megatron.core import dist_checkpointing
+
         from twotower.model.sharding import context_fingerprint, copy_loaded, sharded_tensor_targets
 
         path = self.resolve()

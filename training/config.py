@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import MISSING, OmegaConf
+
 from twotower.data.config import DataConfig
 from twotower.model.config import BackboneConfig, ConfigError, ParallelConfig
 from twotower.model.two_tower import TwoTowerConfig

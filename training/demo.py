@@ -42,6 +42,7 @@ def _run(overrides: list[str]) -> dict:
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
+
     from twotower.training.config import register_configs, to_train_config
 
     register_configs()

@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+
 from twotower.model.config import ConfigError
 
 

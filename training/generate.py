@@ -22,6 +22,7 @@ from pathlib import Path
 def load_run(run_dir: str | Path, checkpoint: str | None = None):
     """(TwoTowerModel with both towers loaded, TrainConfig) for a finished or running run."""
     from omegaconf import OmegaConf
+
     from twotower.model.hf_import import load_hf_backbone
     from twotower.model.megatron_cpu import init_parallel
     from twotower.model.two_tower import build_two_tower
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--temperature", type=float, default=0.0)
     args = ap.parse_args(argv)
     import torch
+
     from twotower.training.quiet import quiet_third_party
 
     quiet_third_party()
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _decode_all(model, tok, prompts, modes, args, kw) -> None:
     import torch
+
     from twotower.model.decoding import generate_ar, generate_mask_diffusion, generate_mock_ar
 
     for prompt in prompts:

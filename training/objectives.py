@@ -15,6 +15,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+
 from twotower.training.batches import MicroBatch
 from twotower.training.diffusion import NoiseSchedule, diffusion_loss
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
 from twotower.training.config import OptimConfig
 
 

@@ -170,8 +170,9 @@ def plan(cfg: BackboneConfig, parallel: ParallelConfig, *, num_gpus: int, gpu: s
 def main(argv: list[str] | None = None) -> None:
     from pathlib import Path
 
-    import twotower.conf
     import yaml
+
+    import twotower.conf
     from twotower.model.config import backbone_config_from_dict
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="nemotron3_nano_30b_a3b")

@@ -21,6 +21,7 @@ import sys
 
 import hydra
 from omegaconf import DictConfig
+
 from twotower.training.quiet import quiet_third_party
 
 quiet_third_party()  # before megatron is imported (its notices fire at import time)

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from twotower.data.config import DataConfig
 from twotower.data.loader import TokenLoader
 from twotower.data.shards import FORMAT, AtomicShardWriter, write_manifest

@@ -15,6 +15,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+
 from twotower.model.ssd import ssd_chunk_scan
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import webdataset as wds
+
 from twotower.data.shards import FORMAT, write_manifest
 from twotower.data.tokenize import tokenize_corpus
 

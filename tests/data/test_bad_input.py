@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pytest
 from data_helpers import make_docs, npy_bytes, tokenized, write_jsonl, write_raw_dataset
+
 from twotower.data.config import DataConfig
 from twotower.data.loader import TokenLoader
 from twotower.data.shards import BadSampleError

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+
 from twotower.data.config import DataConfig, register
 from twotower.data.loader import build_train_loader, build_valid_loader
 from twotower.data.synthetic import generate_documents, prepare_demo_data, write_demo_corpus

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+
 from twotower.data.config import DataConfig
 from twotower.data.loader import TokenLoader, build_train_loader, build_valid_loader
 from twotower.data.shards import read_manifest

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from data_helpers import make_docs, write_jsonl
+
 from twotower.data.shards import AtomicShardWriter
 from twotower.data.tokenize import main, tokenize_corpus
 from twotower.data.tokenizers import ByteTokenizer

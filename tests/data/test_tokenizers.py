@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
+
 from twotower.data.tokenize import tokenize_corpus
 from twotower.data.tokenizers import ByteTokenizer, HFTokenizer, check_vocab, load_tokenizer
 

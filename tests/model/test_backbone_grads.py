@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from twotower.model.backbone import build_backbone
 from twotower.model.config import BackboneConfig, ParallelConfig
 

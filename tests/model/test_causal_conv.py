@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from twotower.model.causal_conv import causal_conv1d, causal_conv1d_step
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
 from twotower.model.config import BackboneConfig, ConfigError, ParallelConfig, backbone_config_from_dict
 
 CONF = Path(__file__).parents[2] / "conf" / "model"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from twotower.model import core_attention as ca
 from twotower.model.core_attention import MaskSpec, SDPACoreAttention
 

@@ -10,6 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hf_tiny import tiny_hf_model
+
 from twotower.model.config import BackboneConfig, ParallelConfig
 from twotower.model.decoding import (
     generate_ar,

@@ -10,6 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hf_tiny import TINY_CONFIGS, hf_logits, tiny_hf_model
+
 from twotower.model.backbone import build_backbone
 from twotower.model.config import BackboneConfig, ParallelConfig
 from twotower.model.hf_import import CheckpointKeyError, load_hf_backbone

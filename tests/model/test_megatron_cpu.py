@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+
 from twotower.model import megatron_cpu
 
 pytestmark = pytest.mark.skipif(not megatron_cpu.CPU_ONLY, reason="CPU-only patches (CUDA available)")

@@ -29,6 +29,7 @@ def test_sharded_keys_are_layout_independent(megatron_world1, ctx_ckpt):
     import sharding_reshard as sr
     from megatron.core.dist_checkpointing import ShardedObject
     from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
     from twotower.model.config import BackboneConfig, ParallelConfig
     from twotower.model.sharding import backbone_sharded_state_dict
     from twotower.model.two_tower import TwoTowerConfig, build_two_tower
@@ -56,6 +57,7 @@ def test_sharded_keys_are_layout_independent(megatron_world1, ctx_ckpt):
 @pytest.mark.slow
 def test_reshard_tp2_ep2_pp2_tp1(torchrun, tmp_path, ctx_ckpt):
     import sharding_reshard as sr
+
     from twotower.model.megatron_cpu import destroy_parallel, init_parallel
 
     # save at TP=2+SP, reload at TP=2, EP=2 and PP=2; save at PP=2 (each stage writes its layers)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 import twotower.model.ssd as ssd_mod
 from twotower.model.ssd import ssd_chunk_scan, ssd_step
 

@@ -9,6 +9,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from hf_tiny import tiny_hf_model
 from two_tower_case import run_case
+
 from twotower.model.config import ParallelConfig
 
 SCRIPT = Path(__file__).parent / "dist" / "two_tower_equiv.py"

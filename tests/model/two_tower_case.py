@@ -21,6 +21,7 @@ def run_case(ckpt_ctx: str, ckpt_den: str, parallel) -> tuple[float, dict[str, t
         DistributedDataParallelConfig,
         finalize_model_grads,
     )
+
     from twotower.model.config import BackboneConfig
     from twotower.model.hf_export import export_hf_tensors
     from twotower.model.hf_import import load_hf_backbone

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from twotower.model.config import ConfigError
 from twotower.training.diffusion import (
     DiffusionConfig,

@@ -1,6 +1,7 @@
 """FLOP formulas of training/flops.py: a hand count for a small config and a FlopCounterMode measurement."""
 import pytest
 import torch
+
 from twotower.model.config import BackboneConfig, ParallelConfig
 from twotower.training import flops as F
 
@@ -50,6 +51,7 @@ def test_full_model_active_flops_close_to_6N():
     from pathlib import Path
 
     import yaml
+
     from twotower.model.config import backbone_config_from_dict
     cfg = backbone_config_from_dict(yaml.safe_load(
         (Path(__file__).parents[2] / "conf/model/nemotron3_nano_30b_a3b.yaml").read_text()))
@@ -67,6 +69,7 @@ def test_matches_flop_counter(megatron_world1, pattern):
     instead of the linear recurrence's 2*H*P*N: an excess of 2*H*P*N*(c-1)*c per sequence, bounded
     here exactly."""
     from torch.utils.flop_counter import FlopCounterMode
+
     from twotower.model.backbone import build_backbone
     cfg = BackboneConfig(pattern=pattern, mamba_chunk_size=16)
     model = build_backbone(cfg, ParallelConfig(attention_backend="sdpa", ssm_backend="torch"))

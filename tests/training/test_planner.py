@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from twotower.model.config import BackboneConfig, ParallelConfig, backbone_config_from_dict
 from twotower.training.planner import GIB, PlanError, plan
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from twotower.model.config import ConfigError
 
 REPO = Path(__file__).parents[2]

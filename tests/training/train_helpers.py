@@ -8,6 +8,7 @@ def compose(*overrides: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
+
     from twotower.training.config import register_configs, to_train_config
 
     register_configs()
