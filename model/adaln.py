@@ -1,27 +1,32 @@
-"""adaLN-single time conditioning (PixArt-alpha, Chen et al. 2023, Sec. 2.3) for the denoiser.
+"""adaLN-single time conditioning of the denoiser, exactly as NVIDIA released it.
 
-Stage: denoiser tower, once per forward. Input: the diffusion time of every block
-``t: [b, n_blocks]`` in [0, 1]. Output: per-layer modulation ``(shift, scale, gate)`` for
-every token, each ``[s(/tp), b, h]``.
+Stage: denoiser tower, once per forward. Input: the diffusion time ``t: [b, n_t]`` in
+[0, 1] (``n_t`` = 1: one time per sequence, the release's recipe and its decoders; ``n_t`` =
+blocks per sequence: one time per block). Output: per layer ``Modulation(shift, scale, gate)``,
+each ``[s(/tp) or 1, b, h]``. Parameter names are the release's (spec release.md §3, §6)::
 
-One small network is shared by all layers::
+    s   = bf16(bf16(t) * 1000)                        the release's precision chain (§6.1)
+    e   = t_embedder(s)  = W2 silu(W1 [cos(s f) ; sin(s f)] + b1) + b2        f_j = 10000^(-j/128)
+    m   = t_block(e)     = W3 silu(e) + b3            [b, 3h] = rows (shift, scale, gate)
+    (shift, scale, gate)_i = m + scale_shift_tables[i]                            [3, h] per layer
 
-    e   = sinusoid(1000 t)                      [b, nb, 256]
-    mod = W2 silu(W1 e + b1) + b2               [b, nb, 3h]
-    mod_i = mod + offset_i                      (one learned [3h] offset per layer)
+and layer ``i`` (``twotower.model.layers.HybridLayer``) applies, with
+``modulate(u) = u (1 + scale) + shift`` and the gate as is (not ``1 + gate``)::
 
-and layer ``i`` computes (the modulation sits *after* the layer's pre-norm, as in PixArt,
-and the gate multiplies the mixer output on the residual branch)::
+    M, *:  x <- x + gate * mixer(rmsnorm(modulate(x)))      modulate the residual stream BEFORE the norm
+    E, -:  x <- x + gate * mixer(modulate(rmsnorm(x)))      modulate AFTER the norm
 
-    x <- x + (1 + gate_i) * mixer_i((1 + scale_i) * rmsnorm_i(x) + shift_i)
+Inits (``TwoTowerConfig.adaln_init``): ``identity`` (t_block zero, table rows shift 0, scale 0,
+gate 1: a fresh denoiser computes exactly the backbone's function) and ``release`` (the public
+code's: PyTorch's default Linear init everywhere, tables ~ N(0, 1)/sqrt(h)). Both draw from a
+private generator seeded by the layer index, so every parallel layout gets the same weights.
 
-``W2``, ``b2`` and the offsets start at zero, so an untrained denoiser computes exactly the
-backbone's function (shift 0, scale 0, gate factor 1). At 30B-A3B scale (h = 2688, 52
-layers, time width 128) this adds ~1.49M parameters.
-
-Under sequence parallelism every TP rank sees only its sequence shard, so these
-replicated parameters get partial gradients: they carry ``.sequence_parallel`` so that
-megatron's ``finalize_model_grads`` all-reduces them, as it does for the norms.
+Gradients: every tensor-parallel rank holds the whole time network; under sequence parallelism
+each rank sees the gradient of its sequence shard only, so all parameters carry
+``.sequence_parallel`` (megatron's ``finalize_model_grads`` all-reduces them over TP, as for the
+norms). Every pipeline stage holds ``t_embedder`` and ``t_block`` but only its own layers'
+tables: the shared network carries ``.pipeline_parallel`` and the TransformerConfig sets
+``has_cond_embedder``, megatron's path for diffusion models' replicated conditional embedders.
 """
 
 from __future__ import annotations
@@ -31,67 +36,121 @@ import math
 import torch
 from torch import nn
 
+#: Width of the sinusoidal time features (the release's ``frequency_embedding_size``).
+FREQ_DIM = 256
+#: ``1000 t`` is embedded (DiT convention); the sinusoid's own max period is 10000.
+TIME_SCALE = 1000.0
+MAX_PERIOD = 10000.0
+ADALN_INITS = ("identity", "release")
+
 
 class Modulation:
-    """``(shift, scale, gate)`` for one layer, each ``[s(/tp), b, h]`` (or broadcastable)."""
+    """``(shift, scale, gate)`` for one layer, each ``[s(/tp) or 1, b, h]``."""
 
     __slots__ = ("gate", "scale", "shift")
 
     def __init__(self, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor):
         self.shift, self.scale, self.gate = shift, scale, gate
 
-    def pre(self, normed: torch.Tensor) -> torch.Tensor:
-        """Applied to the pre-normed layer input, before the mixer."""
-        return normed * (1 + self.scale) + self.shift
-
-    def post(self, mixer_out: torch.Tensor) -> torch.Tensor:
-        """Applied to the mixer output, before the residual add."""
-        return mixer_out * (1 + self.gate)
+    def modulate(self, u: torch.Tensor) -> torch.Tensor:
+        """``u (1 + scale) + shift``, in ``u``'s dtype."""
+        return (u * (1 + self.scale) + self.shift).to(u.dtype)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal features of ``1000 t`` (DiT convention): ``[...] -> [..., dim]`` fp32."""
+def timestep_embedding(t: torch.Tensor, dtype: torch.dtype, dim: int = FREQ_DIM) -> torch.Tensor:
+    """Sinusoidal features of ``1000 t`` with the release's precision chain: ``[...] -> [..., dim]``.
+
+    ``t`` is cast to ``dtype`` first and multiplied by 1000 in that dtype (in bf16 a 16-token
+    block with k masked tokens feeds 1000, 936, 876, ... not 1000 k / 16); the arguments are
+    fp32 and the features are cast back to ``dtype``. Layout ``[cos ; sin]``.
+    """
+    s = t.to(dtype) * TIME_SCALE
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = (1000.0 * t.float())[..., None] * freqs
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = s.float()[..., None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(dtype)
 
 
-class AdaLNSingle(nn.Module):
-    def __init__(self, hidden_size: int, num_layers: int, time_dim: int = 128, freq_dim: int = 256,
-                 sequence_parallel: bool = False, seed: int = 0):
+class TimestepEmbedder(nn.Module):
+    """``t_embedder``: sinusoid(1000 t) -> Linear(256, h) -> SiLU -> Linear(h, h) (``mlp.0``, ``mlp.2``)."""
+
+    def __init__(self, hidden_size: int, freq_dim: int = FREQ_DIM):
         super().__init__()
-        self.hidden_size, self.freq_dim = hidden_size, freq_dim
-        self.fc1 = nn.Linear(freq_dim, time_dim)
-        self.fc2 = nn.Linear(time_dim, 3 * hidden_size)
-        self.layer_offsets = nn.Parameter(torch.zeros(num_layers, 3 * hidden_size))
-        # A private generator: the init must not depend on how much of the global RNG the
-        # (layout-dependent) tower construction consumed, or TP/EP/PP runs would diverge.
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            self.fc1.weight.copy_(torch.randn(self.fc1.weight.shape, generator=g) * 0.02)
-        nn.init.zeros_(self.fc1.bias)
-        nn.init.zeros_(self.fc2.weight)  # identity at init: shift = scale = gate = 0
-        nn.init.zeros_(self.fc2.bias)
-        for p in self.parameters():
-            p.sequence_parallel = sequence_parallel
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
-    def shared(self, t: torch.Tensor) -> torch.Tensor:
-        """``t [b, nb]`` -> shared modulation ``[b, nb, 3h]`` (fp32 math, cast to the weights' dtype)."""
-        e = timestep_embedding(t, self.freq_dim).to(self.fc1.weight.dtype)
-        return self.fc2(torch.nn.functional.silu(self.fc1(e)))
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """``t [...]`` -> ``[..., h]`` in the weights' dtype."""
+        return self.mlp(timestep_embedding(t, self.mlp[0].weight.dtype, self.freq_dim))
 
-    def per_token(self, t: torch.Tensor, block_size: int, seq_slice: slice | None = None) -> torch.Tensor:
-        """``t [b, nb]`` -> ``[s, b, 3h]`` with each block's vector repeated over its tokens.
 
-        ``seq_slice`` keeps only this rank's sequence shard (sequence parallelism).
-        """
-        mod = self.shared(t).repeat_interleave(block_size, dim=1)  # [b, nb*S, 3h]
-        mod = mod.transpose(0, 1)  # [s, b, 3h]
-        return mod[seq_slice] if seq_slice is not None else mod
+def build_time_conditioning(hidden_size: int, layer_indices: list[int], init: str = "identity",
+                            seed: int = 0, device: torch.device | str | None = None,
+                            sequence_parallel: bool = False, pipeline_parallel: bool = False,
+                            ) -> tuple[TimestepEmbedder, nn.Sequential, nn.ParameterDict]:
+    """``(t_embedder, t_block, scale_shift_tables)`` for the layers ``layer_indices`` (global,
+    0-based; the tables are keyed ``str(i)``, the release's ``scale_shift_tables.{i}``)."""
+    if init not in ADALN_INITS:
+        raise ValueError(f"twotower.adaln_init={init!r}: use one of {', '.join(ADALN_INITS)}")
+    h = hidden_size
+    t_embedder = TimestepEmbedder(h).to(device)
+    t_block = nn.Sequential(nn.SiLU(), nn.Linear(h, 3 * h)).to(device)
+    tables = nn.ParameterDict({str(i): nn.Parameter(torch.empty(3, h, device=device)) for i in layer_indices})
+    reset_time_conditioning(t_embedder, t_block, tables, init, seed)
+    for p in t_embedder.parameters():
+        p.pipeline_parallel = pipeline_parallel  # read by megatron's finalize_model_grads (has_cond_embedder)
+    for p in t_block.parameters():
+        p.pipeline_parallel = pipeline_parallel
+    for module in (t_embedder, t_block, tables):
+        for p in module.parameters():
+            p.sequence_parallel = sequence_parallel  # read by megatron's finalize_model_grads
+    return t_embedder, t_block, tables
 
-    def for_layer(self, shared_tokens: torch.Tensor, layer_index: int) -> Modulation:
-        """Shared ``[s, b, 3h]`` + this layer's offset -> ``Modulation`` (``layer_index`` 0-based, global)."""
-        mod = shared_tokens + self.layer_offsets[layer_index]
-        shift, scale, gate = mod.chunk(3, dim=-1)
-        return Modulation(shift, scale, gate)
+
+@torch.no_grad()
+def reset_time_conditioning(t_embedder: TimestepEmbedder, t_block: nn.Sequential, tables: nn.ParameterDict,
+                            init: str = "identity", seed: int = 0) -> None:
+    """(Re-)initialise in place; layout-independent (private generators, tables seeded by layer)."""
+    g = torch.Generator().manual_seed(seed)
+    for lin in (t_embedder.mlp[0], t_embedder.mlp[2], t_block[1]):
+        _torch_default_linear_init(lin, g)
+    h = t_block[1].in_features
+    if init == "identity":
+        t_block[1].weight.zero_()
+        t_block[1].bias.zero_()
+    for key, table in tables.items():
+        if init == "identity":
+            table.copy_(torch.tensor([0.0, 0.0, 1.0])[:, None].expand(3, h))
+        else:
+            gi = torch.Generator().manual_seed(seed * 1_000_003 + int(key) + 1)
+            table.copy_(torch.randn(3, h, generator=gi) / math.sqrt(h))
+
+
+def _torch_default_linear_init(lin: nn.Linear, g: torch.Generator) -> None:
+    """``nn.Linear.reset_parameters`` (kaiming-uniform a=sqrt(5): U(+-1/sqrt(fan_in))) from ``g``."""
+    bound = 1 / math.sqrt(lin.in_features)
+    lin.weight.copy_(torch.empty(lin.weight.shape).uniform_(-bound, bound, generator=g))
+    lin.bias.copy_(torch.empty(lin.bias.shape).uniform_(-bound, bound, generator=g))
+
+
+def shared_modulation(t_embedder: TimestepEmbedder, t_block: nn.Sequential, t: torch.Tensor, tokens: int,
+                      seq_slice: slice | None = None) -> torch.Tensor:
+    """``t [b, n_t]`` -> the shared modulation ``[s(/tp) or 1, b, 3, h]`` (before the per-layer tables).
+
+    ``n_t == 1`` (one time per sequence) stays a broadcastable ``[1, b, 3, h]``; otherwise each
+    of the ``n_t`` blocks' vectors is repeated over its ``tokens // n_t`` tokens and ``seq_slice``
+    keeps this rank's sequence shard (sequence parallelism).
+    """
+    b, n_t = t.shape
+    m = t_block(t_embedder(t))  # [b, n_t, 3h]
+    m = m.view(b, n_t, 3, -1).transpose(0, 1)  # [n_t, b, 3, h]
+    if n_t == 1:
+        return m
+    m = m.repeat_interleave(tokens // n_t, dim=0)  # [s, b, 3, h]
+    return m[seq_slice] if seq_slice is not None else m
+
+
+def layer_modulation(shared: torch.Tensor, table: torch.Tensor) -> Modulation:
+    """Shared ``[s or 1, b, 3, h]`` + this layer's table ``[3, h]`` -> ``Modulation``."""
+    shift, scale, gate = (shared + table).unbind(dim=2)
+    return Modulation(shift, scale, gate)

@@ -70,10 +70,11 @@ class BackboneConfig:
     """SSD chunk length (a speed knob: results do not depend on it)."""
     mamba_conv_bias: bool = True
     """Whether the depthwise conv has a bias (Nemotron-H: yes)."""
-    mamba_dt_min: float = 0.001
-    """Lower clamp of ``softplus(dt + dt_bias)``; HF's NemotronH applies ``(time_step_min, inf)``."""
+    mamba_dt_min: float = 0.0
+    """Lower clamp of ``softplus(dt + dt_bias)`` in the causal (context / AR) scans: the HF config's
+    ``time_step_limit[0]`` (the release: none). The denoiser's block scan never clamps."""
     mamba_dt_max: float = float("inf")
-    """Upper clamp of the discretisation step."""
+    """Upper clamp of the discretisation step (``time_step_limit[1]``)."""
 
     # --- dense MLP and MoE (squared-ReLU, not gated, no biases)
     ffn_hidden_size: int = 128
@@ -218,7 +219,7 @@ class BackboneConfig:
         if hf.get("mlp_hidden_act", "relu2") != "relu2" or hf.get("mamba_hidden_act", "silu") != "silu":
             raise ConfigError(f"{where}: activations must be mlp_hidden_act='relu2', mamba_hidden_act='silu'")
         dt_limit = hf.get("time_step_limit") or (0.0, float("inf"))
-        hi = dt_limit[1]
+        lo, hi = dt_limit[0], dt_limit[1]
         hi = float("inf") if isinstance(hi, dict) or hi is None else float(hi)
         return cls(
             pattern=pattern,
@@ -235,9 +236,10 @@ class BackboneConfig:
             mamba_conv_kernel=hf.get("conv_kernel", 4),
             mamba_chunk_size=hf.get("chunk_size", 128),
             mamba_conv_bias=hf.get("use_conv_bias", True),
-            # HF's NemotronHMamba2Mixer clamps dt to (time_step_min, inf) at run time, whatever
-            # time_step_limit says; we follow the oracle.
-            mamba_dt_min=hf.get("time_step_min", 0.001),
+            # The release's remote code clamps dt by time_step_limit (absent: no clamp).
+            # transformers' in-library NemotronH clamps at time_step_min whatever the limit says:
+            # tests that compare with it set time_step_limit = (time_step_min, inf).
+            mamba_dt_min=float(lo or 0.0),
             mamba_dt_max=hi,
             ffn_hidden_size=hf.get("intermediate_size", 4 * hf["hidden_size"]),
             num_experts=hf.get("n_routed_experts", 8),
@@ -269,7 +271,8 @@ class BackboneConfig:
             "conv_kernel": self.mamba_conv_kernel,
             "chunk_size": self.mamba_chunk_size,
             "use_conv_bias": self.mamba_conv_bias,
-            "time_step_min": self.mamba_dt_min,
+            **({"time_step_limit": [self.mamba_dt_min, self.mamba_dt_max]}
+               if (self.mamba_dt_min, self.mamba_dt_max) != (0.0, float("inf")) else {}),
             "intermediate_size": self.ffn_hidden_size,
             "n_routed_experts": self.num_experts,
             "num_experts_per_tok": self.moe_topk,

@@ -111,6 +111,25 @@ class HFWeights:
 
         return cls(shapes, reader, where)
 
+    @classmethod
+    def from_source(cls, source: Any) -> HFWeights:
+        """A checkpoint folder, an in-memory HF model (``state_dict()``) or a state dict."""
+        if isinstance(source, HFWeights):
+            return source
+        if isinstance(source, (str, Path)):
+            return cls.from_dir(source)
+        if hasattr(source, "state_dict"):
+            return cls.from_state_dict(source.state_dict(), type(source).__name__)
+        return cls.from_state_dict(source)
+
+    def view(self, prefix: str, renames: Mapping[str, str] | None = None) -> HFWeights:
+        """The entries under ``prefix`` (stripped), plus ``renames`` (``{our name: name here}``):
+        e.g. one tower of a released TwoTower checkpoint as a plain NemotronH checkpoint."""
+        names = {n[len(prefix):]: n for n in self._shapes if n.startswith(prefix)}
+        names |= {new: old for new, old in (renames or {}).items() if old in self._shapes}
+        return HFWeights({k: self._shapes[v] for k, v in names.items()},
+                         lambda name, index: self.read(names[name], *index), self.where)
+
     # ---------------------------------------------------------------- access
     def names(self) -> set[str]:
         return set(self._shapes)
@@ -128,12 +147,15 @@ def load_hf_backbone(model, source: Any, *, ignore_prefixes: tuple[str, ...] = (
 
     Args:
         model: built with ``build_backbone`` on the current megatron parallel state.
-        source: a HF checkpoint folder, a ``NemotronHForCausalLM`` or its ``state_dict()``.
+        source: a HF checkpoint folder, a ``NemotronHForCausalLM``, its ``state_dict()``, or an
+            ``HFWeights`` view (no config check).
         ignore_prefixes: HF keys we deliberately do not load (multi-token-prediction heads).
     Raises:
         CheckpointKeyError listing every missing, unexpected and mis-shaped key.
     """
-    if isinstance(source, (str, Path)):
+    if isinstance(source, HFWeights):  # already selected (e.g. one tower of a released checkpoint)
+        weights = source
+    elif isinstance(source, (str, Path)):
         check = BackboneConfig.from_hf(source)
         _check_same_shape(model.backbone, check, str(source))
         weights = HFWeights.from_dir(source)

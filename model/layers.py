@@ -93,13 +93,16 @@ class HybridLayer(MegatronModule):
                 **mixer_kwargs) -> tuple[torch.Tensor, object]:
         """``x [s(/tp), b, h]`` -> ``(x + mixer(norm(x)), aux)``; see the module table for ``aux``.
 
-        With ``modulation`` (the denoiser's adaLN-single), the layer computes
-        ``x + (1 + gate) * mixer((1 + scale) * norm(x) + shift)``: modulation after the pre-norm.
+        With ``modulation`` (the denoiser's adaLN-single) the release's per-type order applies:
+        ``x + gate * mixer(norm(modulate(x)))`` for ``M``/``*`` (where megatron fuses the norm into
+        ``in_proj``/``linear_qkv``) and ``x + gate * mixer(modulate(norm(x)))`` for ``E``/``-``.
         """
-        h = self.norm(x)
-        if modulation is not None:
-            h = modulation.pre(h)
-        out, aux = self.mixer(h, **mixer_kwargs)
-        if modulation is not None:
-            out = modulation.post(out)
-        return x + out, (aux if self.symbol in "M*" else None)
+        if modulation is None:
+            out, aux = self.mixer(self.norm(x), **mixer_kwargs)
+        elif self.symbol in "M*":
+            out, aux = self.mixer(self.norm(modulation.modulate(x)), **mixer_kwargs)
+            out = modulation.gate * out
+        else:
+            out, aux = self.mixer(modulation.modulate(self.norm(x)), **mixer_kwargs)
+            out = modulation.gate * out
+        return x + out.to(x.dtype), (aux if self.symbol in "M*" else None)

@@ -110,6 +110,7 @@ class MambaMixer(MegatronModule):
         state_every: int | None = None,
         return_final_state: bool = False,
         block_size: int | None = None,
+        block_wise: bool = False,
     ) -> tuple[torch.Tensor, MambaStates | None]:
         """Args:
             x: ``[s(/tp), b, h]``.
@@ -118,7 +119,10 @@ class MambaMixer(MegatronModule):
             state_every: also return the states at every multiple of this many tokens.
             return_final_state: also return the states after the last token.
             block_size: scan every block of this many tokens as an independent sequence
-                (the denoiser: each block starts from its own seeded state).
+                (the denoiser: each block starts from its own seeded state). Implies ``block_wise``.
+            block_wise: the release's seeded block scan (denoiser blocks, and the context's
+                block-wise extension after a decoded block): fp32 inputs and no dt clamp
+                (``model.mamba_dt_min/max`` apply to the stock causal scans only).
         Returns ``(out [s(/tp), b, h], MambaStates | None)``.
         """
         zxbcdt, _ = self.in_proj(x)  # [s, b, proj_l]; SP all-gathers the sequence
@@ -140,14 +144,19 @@ class MambaMixer(MegatronModule):
         xbc = conv.y.transpose(1, 2)  # [b, s, conv_l]
         xs, B, C = torch.split(xbc, [self.d_inner_local, self.bc_local, self.bc_local], dim=-1)
         A = -torch.exp(self.A_log.float())
+        block_wise = block_wise or block_size is not None
+        if block_wise:  # seeded states reach O(1e3) over long contexts: a bf16 scan overflows
+            xs, dt, B, C = xs.float(), dt.float(), B.float(), C.float()
         ssd = ssd_chunk_scan(
             xs.reshape(b, s, self.heads_local, self.head_dim), dt,
             A, B.reshape(b, s, self.groups_local, self.state_dim), C.reshape(b, s, self.groups_local, self.state_dim),
-            chunk_size=self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
+            chunk_size=self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
+            dt_limit=(0.0, float("inf")) if block_wise else self.dt_limit,
             initial_states=initial_ssm_state, state_every=state_every,
             return_final_state=return_final_state, backend=self.ssm_backend,
         )
-        y = self.norm(ssd.y.reshape(b, s, self.d_inner_local), z).reshape(batch, seq, self.d_inner_local)
+        y = ssd.y.to(z.dtype).reshape(b, s, self.d_inner_local)
+        y = self.norm(y, z).reshape(batch, seq, self.d_inner_local)
         out, _ = self.out_proj(y.transpose(0, 1).contiguous())  # [s(/tp), b, h]; SP reduce-scatters
         states = None
         if state_every is not None or return_final_state:

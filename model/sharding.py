@@ -135,23 +135,28 @@ def context_fingerprint(tower) -> dict[str, float]:
 
 
 def twotower_sharded_state_dict(model, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
-    """Sharded state of a ``TwoTowerModel``'s trained parts: ``denoiser_tower.*`` and ``adaln.*``
-    (replicated), plus ``context_fingerprint`` (a replicated ``ShardedObject``; after loading it
-    holds the saved fingerprint, compare it with :func:`context_fingerprint` of the loaded tower).
+    """Sharded state of a ``TwoTowerModel``'s trained parts: ``denoiser_tower.*`` and the time
+    conditioning under the release's names (``t_embedder.*``, ``t_block.*`` replicated;
+    ``scale_shift_tables.{i}`` keyed by global layer, so PP-independent), plus
+    ``context_fingerprint`` (a replicated ``ShardedObject``; after loading it holds the saved
+    fingerprint, compare it with :func:`context_fingerprint` of the loaded tower).
 
     The frozen ``context_tower`` is NOT included: on resume it is re-loaded from the backbone.
     Call from ``TwoTowerModel.sharded_state_dict``.
     """
     metadata = ensure_metadata_has_dp_cp_group(metadata)
     sd = backbone_sharded_state_dict(model.denoiser_tower, f"{prefix}denoiser_tower.", sharded_offsets, metadata)
-    # (tp_group must be explicit: megatron's default leaves it None, giving every TP rank replica 0)
-    adaln = sharded_state_dict_default(model.adaln, f"{prefix}adaln.", sharded_offsets, metadata,
-                                       tp_group=parallel_state.get_tensor_model_parallel_group())
-    # Every pipeline stage holds the whole adaLN: replicated over PP too (stage 0's copy is written).
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    for v in adaln.values():
-        v.replica_id = (pp_rank, *v.replica_id[1:])
-    sd.update(adaln)
+    for name, module in model.time_conditioning_modules().items():
+        # (tp_group must be explicit: megatron's default leaves it None, giving every TP rank replica 0)
+        part = sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata,
+                                          tp_group=parallel_state.get_tensor_model_parallel_group())
+        if name != "scale_shift_tables":
+            # Every pipeline stage holds the whole time network: replicated over PP too (stage 0's
+            # copy is written).
+            for v in part.values():
+                v.replica_id = (pp_rank, *v.replica_id[1:])
+        sd.update(part)
     sd[f"{prefix}context_fingerprint"] = ShardedObject(
         f"{prefix}context_fingerprint", context_fingerprint(model.context_tower), (1,), (0,),
         replica_id=torch.distributed.get_rank() if torch.distributed.is_initialized() else 0)

@@ -1,17 +1,22 @@
 """TwoTower: a frozen causal context tower and a trained block-diffusion denoiser tower.
 
 Stage: the model of the diffusion objective. Both towers are ``NemotronHModel`` copies of
-one backbone; the denoiser adds adaLN-single time conditioning (``adaln.py``).
+one backbone; the denoiser adds the release's adaLN-single time conditioning (``adaln.py``:
+``t_embedder``, ``t_block``, ``scale_shift_tables``). Parameter names follow the released
+checkpoint (``context_tower``, ``denoiser_tower``, ``t_embedder``, ``t_block``,
+``scale_shift_tables.{i}``).
 
 Vectorised training pass (``forward``), one call for all blocks of ``x0, xt: [b, L]``
-with block size ``S`` and per-block times ``t: [b, L/S]``::
+with block size ``S`` and times ``t: [b, 1]`` (one per sequence, the release's recipe) or
+``[b, L/S]`` (one per block)::
 
     hc = context.embed(x0)   (no grad)            hd = denoiser.embed(xt)
     for layer i (both towers in lockstep):
         hc, aux = context.layers[i](hc)           aux: K/V, or Mamba states at every k*S
         hd = denoiser.layers[i](hd, aux, adaLN_i(t))
            '*': queries of block b see context keys < b*S and their own block (bidirectional)
-           'M': every block is scanned on its own, seeded with the context state at b*S
+           'M': every block is scanned on its own (fp32, no dt clamp), seeded with the
+                context state at b*S (block 0: zero states, no context keys)
     ce = CE(denoiser.head(hd), x0)               SUBS: the mask token is never predicted
 
 Only layer i's context K/V and boundary states are alive at a time during the forward; with
@@ -37,7 +42,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.utils.checkpoint import checkpoint
 
-from twotower.model.adaln import AdaLNSingle
+from twotower.model.adaln import ADALN_INITS, build_time_conditioning, layer_modulation, shared_modulation
 from twotower.model.backbone import NemotronHModel, gather_logits
 from twotower.model.cache import LayerCache, TowerCache
 from twotower.model.config import BackboneConfig, ConfigError, ParallelConfig, to_transformer_config
@@ -53,11 +58,19 @@ class TwoTowerConfig:
     """Tokens per diffusion block S (the release: 16)."""
     mask_token_id: int = 3
     """Id of [MASK] (the release: 3). Its logit is never predicted (SUBS)."""
-    time_dim: int = 128
-    """Width of the shared adaLN-single time network (~1.5M extra parameters at 30B scale)."""
+    adaln_init: str = "identity"
+    """Init of the time conditioning: ``identity`` (t_block zero, tables (0, 0, 1): a fresh
+    denoiser computes exactly the backbone's function) or ``release`` (the public code's random
+    init; a fresh denoiser is NOT the backbone)."""
     recompute: str = "none"
     """Activation checkpointing of layer pairs: Mamba pairs only (their per-boundary states are
     big), every pair, or none."""
+
+    def __post_init__(self) -> None:
+        if self.adaln_init not in ADALN_INITS:
+            raise ConfigError(f"twotower.adaln_init={self.adaln_init!r}: use one of {', '.join(ADALN_INITS)}")
+        if self.recompute not in ("none", "mamba", "full"):
+            raise ConfigError(f"twotower.recompute={self.recompute!r}: use 'none', 'mamba' or 'full'")
 
     def validate(self, backbone: BackboneConfig, seq_len: int | None = None) -> None:
         if self.block_size <= 0:
@@ -65,8 +78,6 @@ class TwoTowerConfig:
         if not 0 <= self.mask_token_id < backbone.vocab_size:
             raise ConfigError(f"twotower.mask_token_id={self.mask_token_id} is outside the vocabulary "
                               f"[0, {backbone.vocab_size}) of the model")
-        if self.recompute not in ("none", "mamba", "full"):
-            raise ConfigError(f"twotower.recompute={self.recompute!r}: use 'none', 'mamba' or 'full'")
         if seq_len is not None:
             if self.block_size > seq_len:
                 raise ConfigError(f"twotower.block_size={self.block_size} is larger than the sequence "
@@ -99,8 +110,7 @@ class TwoTowerModel(MegatronModule):
         kw = dict(pre_process=pre_process, post_process=post_process, layer_range=layer_range)
         self.context_tower = NemotronHModel(config, backbone, specs, **kw)
         self.denoiser_tower = NemotronHModel(config, backbone, specs, **kw)
-        self.adaln = AdaLNSingle(backbone.hidden_size, backbone.num_layers, twotower.time_dim,
-                                 sequence_parallel=config.sequence_parallel)
+        self._build_time_conditioning(config, layer_range or (0, backbone.num_layers))
         # The freeze boundary: the whole context tower, as one module (freezing parts of
         # megatron's layer-stacked tensors breaks optimizer checkpoints).
         self.context_tower.requires_grad_(False)
@@ -122,8 +132,38 @@ class TwoTowerModel(MegatronModule):
         self.context_tower.train(False)
         return self
 
+    def _build_time_conditioning(self, config: TransformerConfig, layer_range: tuple[int, int]) -> None:
+        """``t_embedder``, ``t_block`` (on every pipeline stage) and this stage's tables.
+
+        Under PP every stage's copy of the shared time network sees the gradient of its own
+        layers only: megatron's conditional-embedder path (``has_cond_embedder`` on the config,
+        ``.pipeline_parallel`` on the parameters) sums them over the PP group after the DP
+        reduction. With the distributed optimizer that is only right if every stage shards
+        these parameters the same way over DP: ``shared_embedding`` gives each its own grad
+        bucket (megatron's rule for tied embeddings). Stages > 0 mark their copies ``shared`` so
+        that the gradient norm counts them once.
+        """
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        self.t_embedder, self.t_block, self.scale_shift_tables = build_time_conditioning(
+            self.backbone.hidden_size, list(range(*layer_range)), init=self.twotower.adaln_init,
+            sequence_parallel=config.sequence_parallel, pipeline_parallel=pp > 1)
+        if pp > 1:
+            config.has_cond_embedder = True
+            first = parallel_state.get_pipeline_model_parallel_rank() == 0
+            for p in self.time_network_parameters():
+                p.shared_embedding = True
+                p.shared = not first
+
+    def time_network_parameters(self) -> list[torch.nn.Parameter]:
+        """The time network every pipeline stage holds a full copy of."""
+        return [*self.t_embedder.parameters(), *self.t_block.parameters()]
+
+    def time_conditioning_modules(self) -> dict[str, torch.nn.Module]:
+        """``{release name: module}`` of the denoiser's time conditioning."""
+        return {"t_embedder": self.t_embedder, "t_block": self.t_block, "scale_shift_tables": self.scale_shift_tables}
+
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
-        """What a TwoTower checkpoint holds: the denoiser and adaLN (layout-independent keys)
+        """What a TwoTower checkpoint holds: the denoiser and time conditioning (layout-independent keys)
         plus a fingerprint of the frozen context tower (its weights come from the backbone)."""
         from twotower.model.sharding import twotower_sharded_state_dict
 
@@ -131,7 +171,8 @@ class TwoTowerModel(MegatronModule):
 
     @torch.no_grad()
     def init_denoiser_from_context(self) -> None:
-        """Both towers start as exact copies of the backbone (the adaLN starts as the identity)."""
+        """Both towers start as exact copies of the backbone (with ``adaln_init=identity`` the
+        denoiser then computes exactly the backbone's function)."""
         self.denoiser_tower.load_state_dict(self.context_tower.state_dict())
 
     # ------------------------------------------------------------------ vectorised pass
@@ -139,16 +180,16 @@ class TwoTowerModel(MegatronModule):
                 return_logits: bool = False, ar_nll: bool = False) -> TwoTowerOutput | torch.Tensor:
         """Args:
             x0: ``[b, L]`` clean tokens; xt: ``[b, L]`` noisy tokens (masked ones = mask id);
-            t: ``[b, L/S]`` diffusion time of every block.
+            t: ``[b, 1]`` one diffusion time per sequence, or ``[b, L/S]`` one per block.
         Returns ``TwoTowerOutput`` on the last pipeline stage, else the stream pair
         ``[2 s(/tp), b, h]`` for the next stage.
         """
         S = self.twotower.block_size
         L = x0.shape[1]
         self.twotower.validate(self.backbone, L)
-        if xt.shape != x0.shape or t.shape != (x0.shape[0], L // S):
+        if xt.shape != x0.shape or t.dim() != 2 or t.shape[0] != x0.shape[0] or t.shape[1] not in (1, L // S):
             raise ValueError(f"shapes: x0 {tuple(x0.shape)}, xt {tuple(xt.shape)}, t {tuple(t.shape)}; "
-                             f"expected xt like x0 and t [b, {L // S}]")
+                             f"expected xt like x0 and t [b, 1] or [b, {L // S}]")
         if self.pre_process:
             with torch.no_grad():
                 hc = self.context_tower.embed(x0)
@@ -156,7 +197,7 @@ class TwoTowerModel(MegatronModule):
         else:  # a later pipeline stage: the pair arrives as one tensor; the context half has no grad
             hc, hd = self.input_tensor.chunk(2, dim=0)
             hc = hc.detach()
-        mod = self.adaln.per_token(t, S, self._seq_slice(L))  # [s(/tp), b, 3h]
+        mod = shared_modulation(self.t_embedder, self.t_block, t, L, self._seq_slice(L))  # [s(/tp) or 1, b, 3, h]
         mode = self.twotower.recompute
         for j, (lc, ld) in enumerate(zip(self.context_tower.layers, self.denoiser_tower.layers)):
             i = self.context_tower.layer_offset + j
@@ -183,7 +224,7 @@ class TwoTowerModel(MegatronModule):
 
     def _layer_pair(self, i, lc, ld, hc, hd, mod, S, L):
         """Context layer i (no grad), then denoiser layer i reading what it exposed."""
-        m = self.adaln.for_layer(mod, i)
+        m = layer_modulation(mod, self.scale_shift_tables[str(i)])
         if lc.symbol == "M":
             with torch.no_grad():
                 hc, st = lc(hc, state_every=S)
@@ -204,9 +245,12 @@ class TwoTowerModel(MegatronModule):
 
     # ------------------------------------------------------------------ one block at a time
     @torch.no_grad()
-    def context_forward(self, ids: torch.Tensor, cache: TowerCache | None = None,
-                        return_logits: bool = False) -> tuple[torch.Tensor | None, TowerCache]:
-        """Causal context pass over ``ids [b, s]`` continuing ``cache``; returns (logits, new cache)."""
+    def context_forward(self, ids: torch.Tensor, cache: TowerCache | None = None, return_logits: bool = False,
+                        block_wise: bool = False) -> tuple[torch.Tensor | None, TowerCache]:
+        """Causal context pass over ``ids [b, s]`` continuing ``cache``; returns (logits, new cache).
+
+        ``block_wise``: the release's extension by a committed diffusion block (Mamba: the fp32
+        seeded block scan without dt clamp); otherwise the stock causal scan (prefill, AR)."""
         ctx = self.context_tower
         cache = cache or TowerCache.empty(len(ctx.layers))
         h = ctx.embed(ids.to(_device_of(ctx)))
@@ -215,7 +259,8 @@ class TwoTowerModel(MegatronModule):
         for j, layer in enumerate(ctx.layers):
             c = cache.layers[j]
             if layer.symbol == "M":
-                h, st = layer(h, initial_ssm_state=c.ssm, initial_conv_state=c.conv, return_final_state=True)
+                h, st = layer(h, initial_ssm_state=c.ssm, initial_conv_state=c.conv, return_final_state=True,
+                              block_wise=block_wise)
                 new.layers[j] = LayerCache(ssm=st.ssm_final, conv=st.conv_final)
             elif layer.symbol == "*":
                 h, (k, v) = layer(h, kv_prefix=cache.kv(j))
@@ -227,25 +272,32 @@ class TwoTowerModel(MegatronModule):
         logits = gather_logits(ctx.head(h)) if return_logits else None
         return logits, new
 
-    def denoise_block(self, xt_block: torch.Tensor, t: torch.Tensor, cache: TowerCache) -> torch.Tensor:
+    def denoise_block(self, xt_block: torch.Tensor, t: torch.Tensor | None, cache: TowerCache,
+                      block_wise: bool = True, subs: bool = True) -> torch.Tensor:
         """Denoiser logits ``[b, S', vocab]`` for one noisy block ``[b, S']`` at times ``t [b]``,
-        attending over the clean prefix held in ``cache`` (bidirectional inside the block)."""
+        attending over the clean prefix held in ``cache`` (no mask: bidirectional inside the
+        block). ``t=None``: no time conditioning (the release's mock-AR step, with
+        ``block_wise=False``: the stock causal scan for its single token). ``subs``: the mask
+        token's logit at -inf (SUBS)."""
         den = self.denoiser_tower
         dev = _device_of(den)
         if any(t_.device != dev for c in cache.layers for t_ in (c.k, c.ssm) if t_ is not None):
             cache = cache.to(dev)  # towers on different devices (place_towers_on_devices)
-        xt_block, t = xt_block.to(dev), t.to(dev)
+        xt_block = xt_block.to(dev)
         h = den.embed(xt_block)
-        mod = self.adaln.per_token(t[:, None], xt_block.shape[1])
+        mod = None if t is None else shared_modulation(self.t_embedder, self.t_block, t.to(dev)[:, None], 1)
         for j, layer in enumerate(den.layers):
-            c, m = cache.layers[j], self.adaln.for_layer(mod, den.layer_offset + j)
+            c = cache.layers[j]
+            m = None if mod is None else layer_modulation(mod, self.scale_shift_tables[str(den.layer_offset + j)])
             if layer.symbol == "M":
-                h, _ = layer(h, modulation=m, initial_ssm_state=c.ssm, initial_conv_state=c.conv)
+                h, _ = layer(h, modulation=m, initial_ssm_state=c.ssm, initial_conv_state=c.conv,
+                             block_wise=block_wise)
             elif layer.symbol == "*":
                 h, _ = layer(h, modulation=m, kv_prefix=cache.kv(j), mask=MaskSpec.full())
             else:
                 h, _ = layer(h, modulation=m)
-        return gather_logits(self._subs(den.head(h)))
+        logits = den.head(h)
+        return gather_logits(self._subs(logits) if subs else logits)
 
     # ------------------------------------------------------------------ helpers
     def _subs(self, logits: torch.Tensor) -> torch.Tensor:

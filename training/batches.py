@@ -2,8 +2,8 @@
 
 Stage: between the data loader and the forward step. Input: token micro-batches
 ``[mbs, L]`` of this data-parallel rank (from ``twotower.data`` or a synthetic source).
-Output: per micro-batch the clean tokens plus, for the diffusion objective, the block
-times ``t [mbs, L/S]``, the mask and ``xt``.
+Output: per micro-batch the clean tokens plus, for the diffusion objective, the times
+``t [mbs, L/S]`` (per block) or ``[mbs, 1]`` (per sequence), the mask and ``xt``.
 
 Layout independence (what makes TP/PP/DP runs reproduce the single-rank loss curve):
 micro-batch ``m`` of DP rank ``r`` at step ``k`` holds the global samples
@@ -48,13 +48,13 @@ def add_noise(mb: MicroBatch, step: int, plan: BatchPlan, cfg: DiffusionConfig, 
               mask_token_id: int, seed: int, schedule: NoiseSchedule) -> MicroBatch:
     """Fill ``t``, ``masked`` and ``xt`` of a micro-batch (the forward process q(xt | x0))."""
     b, L = mb.x0.shape
-    nb = L // block_size
+    n_t = 1 if cfg.time_per == "sequence" else L // block_size  # times per sequence
     in_step = mb.first_index - step * plan.global_batch_size  # position inside the step's global batch
     if not 0 <= in_step <= plan.global_batch_size - b:
         raise ValueError(f"micro-batch at global sample {mb.first_index} is not part of step {step} "
                          f"(global batch {plan.global_batch_size})")
-    t = sample_block_times(b * nb, start=in_step * nb, total=plan.global_batch_size * nb,
-                           generator=torch.Generator().manual_seed(_seed(seed, step)), cfg=cfg).view(b, nb)
+    t = sample_block_times(b * n_t, start=in_step * n_t, total=plan.global_batch_size * n_t,
+                           generator=torch.Generator().manual_seed(_seed(seed, step)), cfg=cfg).view(b, n_t)
     rows = [mask_tokens(mb.x0[i:i + 1], t[i:i + 1], block_size, mask_token_id, schedule,
                         torch.Generator().manual_seed(_seed(seed, step, mb.first_index + i)),
                         cfg.min_masked_per_block) for i in range(b)]

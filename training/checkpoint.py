@@ -47,6 +47,10 @@ class CheckpointConfig:
     resume: str = "auto"
     """``auto``: newest complete checkpoint under ``dir`` if any, else fresh; ``none``: always fresh;
     any other value: that checkpoint folder (error if missing or incomplete)."""
+    init_from: str | None = None
+    """Weights only (denoiser + time conditioning) from this complete checkpoint when the run
+    starts fresh (nothing to resume): fresh optimizer and LR schedule, step 0. How a phase of a
+    multi-phase recipe continues the previous phase (``conf/experiment/twotower_nano_phase*``)."""
     keep_last: int = 2
     """Keep this many newest complete checkpoints (0 = keep all); rank 0 prunes after a save."""
     optimizer_sharding: str = "fully_reshardable"
@@ -234,13 +238,21 @@ class Checkpointer:
 
         ``check(path, extra)``, if given, runs before any tensor is read (e.g. to compare the
         saved config with this run's and raise a readable CheckpointError)."""
+        path = self.resolve()
+        if path is None:
+            return None
+        return self._load(path, model, optimizer, scheduler, check, restore_rng=True)
+
+    def load_weights(self, model, path: str | Path) -> dict:
+        """Collective. Only the model's weights from the checkpoint ``path`` (``init_from``);
+        returns its saved ``extra`` dict."""
+        return self._load(Path(path), model, None, None, None, restore_rng=False)
+
+    def _load(self, path: Path, model, optimizer, scheduler, check, restore_rng: bool) -> dict:
         from megatron.core import dist_checkpointing
 
         from twotower.model.sharding import context_fingerprint, copy_loaded, sharded_tensor_targets
 
-        path = self.resolve()
-        if path is None:
-            return None
         check_complete(path)
         if check is not None:
             check(path, json.loads((path / "extra.json").read_text())["extra"])
@@ -271,7 +283,7 @@ class Checkpointer:
             scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
         meta = json.loads((path / "extra.json").read_text())
         rng = path / "rng" / f"rank_{_rank():05d}.pt"
-        if meta.get("world_size") == _world() and rng.exists():
+        if restore_rng and meta.get("world_size") == _world() and rng.exists():
             _set_rng_state(torch.load(rng, weights_only=False))
         _barrier()
         return meta["extra"]

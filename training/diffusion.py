@@ -22,6 +22,12 @@ NLL per token, comparable with the AR tower's NLL on the same tokens.
 Variance reduction: one time per block, stratified (antithetic) over all K blocks of the
 *global* batch, ``t_k = ((u + k) / K) mod 1`` with one shared ``u`` per step, then mapped
 into the clip interval ``[beta, omega]`` (BD3-LM's clipped schedules).
+
+The release's recipe (``conf/diffusion/release.yaml``, spec release.md §11) is the special case
+``time_per=sequence`` (one t per sequence, t = eps + (1 - eps) U[0, 1), fed to adaLN as sampled
+for every block), no stratification, no forced masks, and ``loss_weighting=masked_mean``:
+cross-entropy at the masked tokens averaged over the micro-batch's masked tokens, no 1/t.
+Validation always reports the unbiased NELBO, so runs of either recipe compare.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from dataclasses import dataclass
 import torch
 
 from twotower.model.config import ConfigError
+
+LOSS_WEIGHTINGS = ("nelbo", "unweighted", "masked_mean")
 
 
 @dataclass
@@ -45,7 +53,12 @@ class DiffusionConfig:
     eps: float = 1e-3
     """Floor of t (w(t) = 1/t diverges at 0); applies to training and validation."""
     loss_weighting: str = "nelbo"
-    """``nelbo``: w(t)-weighted (the MDLM/BD3-LM bound); ``unweighted``: masked cross-entropy (E2D2)."""
+    """``nelbo``: w(t)-weighted, normalised by all tokens (the MDLM/BD3-LM bound); ``unweighted``:
+    masked cross-entropy normalised by all tokens (E2D2); ``masked_mean``: masked cross-entropy
+    averaged over the micro-batch's masked tokens (the release)."""
+    time_per: str = "block"
+    """``block``: one time per block (BD3-LM); ``sequence``: one per sequence, shared by all its
+    blocks (the release)."""
     antithetic: bool = True
     """Stratify the block times over the global batch (lower-variance gradients)."""
     min_masked_per_block: int = 1
@@ -54,8 +67,11 @@ class DiffusionConfig:
     def __post_init__(self) -> None:
         if self.schedule not in ("loglinear", "cosine"):
             raise ConfigError(f"diffusion.schedule={self.schedule!r}: use 'loglinear' or 'cosine'")
-        if self.loss_weighting not in ("nelbo", "unweighted"):
-            raise ConfigError(f"diffusion.loss_weighting={self.loss_weighting!r}: use 'nelbo' or 'unweighted'")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ConfigError(f"diffusion.loss_weighting={self.loss_weighting!r}: use one of "
+                              f"{', '.join(LOSS_WEIGHTINGS)}")
+        if self.time_per not in ("block", "sequence"):
+            raise ConfigError(f"diffusion.time_per={self.time_per!r}: use 'block' or 'sequence'")
         for name in ("t_min", "t_max", "eps"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
@@ -89,10 +105,15 @@ class NoiseSchedule:
         return (math.pi / 2) * torch.sin(a) / (1 - torch.cos(a))
 
 
+def per_token(t: torch.Tensor, length: int) -> torch.Tensor:
+    """Times ``[b, n_t]`` (one per sequence or per block) -> ``[b, length]``."""
+    return t.repeat_interleave(length // t.shape[1], dim=1)
+
+
 def sample_block_times(n_local: int, *, start: int, total: int, generator: torch.Generator,
                        cfg: DiffusionConfig, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Times of ``n_local`` blocks that are blocks ``[start, start + n_local)`` of the ``total``
-    blocks in the global batch.
+    """Times of ``n_local`` draws that are draws ``[start, start + n_local)`` of the ``total``
+    in the global batch (one draw per block, or per sequence with ``time_per=sequence``).
 
     ``generator`` must be seeded identically on every rank for the step (it draws the shared
     offset ``u`` and the stratum permutation), so the strata are a partition of [0, 1) over
@@ -114,13 +135,13 @@ def mask_tokens(x0: torch.Tensor, t: torch.Tensor, block_size: int, mask_token_i
     """Forward process q(xt | x0), independently per token with the block's move chance.
 
     Args:
-        x0: ``[b, L]``; t: ``[b, L/S]``.
+        x0: ``[b, L]``; t: ``[b, L/S]`` (per block) or ``[b, 1]`` (per sequence).
     Returns:
         ``(xt [b, L], masked [b, L] bool)``.
     """
     b, L = x0.shape
     nb = L // block_size
-    p = schedule.move_chance(t).repeat_interleave(block_size, dim=1)  # [b, L]
+    p = per_token(schedule.move_chance(t), L)  # [b, L]
     u = torch.rand(b, L, generator=generator, device="cpu").to(x0.device)
     masked = u < p
     if min_masked_per_block:
@@ -136,8 +157,11 @@ def mask_tokens(x0: torch.Tensor, t: torch.Tensor, block_size: int, mask_token_i
 
 @dataclass
 class LossOutput:
+    loss: torch.Tensor
+    """The micro-batch's objective (what is differentiated): ``loss_sum / num_tokens``, or for
+    ``masked_mean`` the masked CE over the masked tokens."""
     loss_sum: torch.Tensor
-    """Sum over this micro-batch of the weighted masked CE (divide by the global token count)."""
+    """Sum over this micro-batch of the weighted masked CE (the NELBO numerator)."""
     num_tokens: int
     """Tokens in this micro-batch (all positions, masked or not)."""
     num_masked: torch.Tensor
@@ -148,17 +172,19 @@ class LossOutput:
 
 def diffusion_loss(ce: torch.Tensor, masked: torch.Tensor, t: torch.Tensor, block_size: int,
                    schedule: NoiseSchedule, weighting: str = "nelbo") -> LossOutput:
-    """``ce [b, L]`` per-token CE of x0 under the denoiser, ``masked [b, L]``, ``t [b, L/S]``."""
+    """``ce [b, L]`` per-token CE of x0 under the denoiser, ``masked [b, L]``, ``t [b, L/S]`` or ``[b, 1]``."""
     m = masked.to(ce.dtype)
     masked_ce = ce * m
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ConfigError(f"diffusion.loss_weighting={weighting!r}: use one of {', '.join(LOSS_WEIGHTINGS)}")
     if weighting == "nelbo":
-        w = schedule.weight(t.to(ce.dtype)).repeat_interleave(block_size, dim=1)
-        loss_sum = (masked_ce * w).sum()
-    elif weighting == "unweighted":
-        loss_sum = masked_ce.sum()
+        loss_sum = (masked_ce * per_token(schedule.weight(t.to(ce.dtype)), ce.shape[1])).sum()
     else:
-        raise ConfigError(f"diffusion.loss_weighting={weighting!r}: use 'nelbo' or 'unweighted'")
-    return LossOutput(loss_sum, ce.numel(), m.sum().detach(), masked_ce.sum().detach())
+        loss_sum = masked_ce.sum()
+    num_masked = m.sum()
+    # masked_mean: a micro-batch without masked tokens contributes 0 (no host sync to test it)
+    loss = loss_sum / num_masked.clamp(min=1) if weighting == "masked_mean" else loss_sum / ce.numel()
+    return LossOutput(loss, loss_sum, ce.numel(), num_masked.detach(), masked_ce.sum().detach())
 
 
 @dataclass
@@ -197,4 +223,4 @@ class ValidationStats:
 def validation_config(cfg: DiffusionConfig) -> DiffusionConfig:
     """The unbiased evaluation setting: t ~ U[eps, 1], NELBO weights, no forced masks."""
     return DiffusionConfig(schedule=cfg.schedule, t_min=0.0, t_max=1.0, eps=cfg.eps, loss_weighting="nelbo",
-                           antithetic=cfg.antithetic, min_masked_per_block=0)
+                           antithetic=True, min_masked_per_block=0, time_per="block")

@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps-per-block", type=int, default=None, help="default: the block size")
     ap.add_argument("--threshold", type=float, default=0.8, help="confidence threshold gamma")
     ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-k", type=int, default=0, help="AR / mock-AR sampling: keep the k best (0: all)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="AR / mock-AR sampling: nucleus mass")
     args = ap.parse_args(argv)
     import torch
 
@@ -79,9 +81,12 @@ def main(argv: list[str] | None = None) -> None:
     tok = tokenizer_for(cfg)
     prompts = [args.prompt] if args.prompt else Path(args.prompt_file).read_text().splitlines()
     S = args.block_size or cfg.twotower.block_size
-    kw = dict(block_size=S, steps_per_block=args.steps_per_block or S, mask_token_id=cfg.twotower.mask_token_id,
-              temperature=args.temperature, eos_token_id=tok.eos_id)
     modes = ["diffusion", "mock_ar", "ar"] if args.mode == "all" else [args.mode]
+    if "diffusion" in modes and args.max_new_tokens % S:
+        ap.error(f"--max-new-tokens={args.max_new_tokens} must be a multiple of the block size {S} for "
+                 f"diffusion decoding (e.g. {-(-args.max_new_tokens // S) * S})")
+    kw = dict(block_size=S, steps_per_block=args.steps_per_block or S, mask_token_id=cfg.twotower.mask_token_id,
+              confidence_threshold=args.threshold)
     # Decoding shapes change every step: megatron's torch.compile'd fusions (squared ReLU, ...)
     # would recompile until dynamo's limit for no gain at these sizes, so run them eagerly.
     with torch.compiler.set_stance("force_eager"):
@@ -93,16 +98,21 @@ def _decode_all(model, tok, prompts, modes, args, kw) -> None:
 
     from twotower.model.decoding import generate_ar, generate_mask_diffusion, generate_mock_ar
 
+    common = dict(temperature=args.temperature, eos_token_id=tok.eos_id)
+    sampling = dict(common, top_k=args.top_k, top_p=args.top_p)
     for prompt in prompts:
         ids = torch.tensor([tok.encode(prompt)], dtype=torch.long)
         for mode in modes:
             if mode == "ar":
-                out = generate_ar(model, ids, args.max_new_tokens, temperature=args.temperature, eos_token_id=tok.eos_id)
+                out = generate_ar(model, ids, args.max_new_tokens, **sampling)
             elif mode == "mock_ar":
-                out = generate_mock_ar(model, ids, args.max_new_tokens, **kw)
+                out = generate_mock_ar(model, ids, args.max_new_tokens, **sampling)
             else:
-                out = generate_mask_diffusion(model, ids, args.max_new_tokens, confidence_threshold=args.threshold, **kw)
-            text = tok.decode(out.sequences[0, ids.shape[1]:].tolist())
+                out = generate_mask_diffusion(model, ids, args.max_new_tokens, **kw, **common)
+            new = out.sequences[0, ids.shape[1]:].tolist()
+            if tok.eos_id in new:  # the decoders keep a block whole after eos; show text up to it
+                new = new[:new.index(tok.eos_id)]
+            text = tok.decode(new)
             print(f"[{mode:9s}] {out.tokens_per_second:8.1f} tok/s  {out.tokens_per_nfe:5.2f} tok/NFE  "
                   f"{prompt!r} -> {text!r}", flush=True)
 

@@ -5,9 +5,11 @@ per micro-batch. Input: an iterator of ``MicroBatch`` and the (DDP-wrapped) mode
 Output: ``(output_tensor, loss_func)``; on the last pipeline stage ``loss_func`` turns the
 per-token cross-entropy into the micro-batch loss and the sums that are logged.
 
-Loss normalisation: ``loss_func`` returns the mean over the micro-batch's tokens; the
-schedule divides by the number of micro-batches and DDP averages over data-parallel
-ranks, so the step's gradient is that of the mean over the global batch.
+Loss normalisation: ``loss_func`` returns the micro-batch's objective (the mean over its
+tokens; for the release's ``masked_mean``, over its masked tokens); the schedule divides by
+the number of micro-batches and DDP averages over data-parallel ranks, so the step's gradient
+is that of the mean of the micro-batch objectives over the global batch (as megatron trains the
+release). ``objective_sum / micro_batches`` is the logged loss.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from twotower.training.batches import MicroBatch
 from twotower.training.diffusion import NoiseSchedule, diffusion_loss
 
 #: Keys of the per-micro-batch sums every loss_func reports (a fixed order for all-reduces).
-STAT_KEYS = ("loss_sum", "tokens", "masked", "masked_ce_sum", "ar_nll_sum", "ar_tokens", "nonfinite")
+STAT_KEYS = ("loss_sum", "tokens", "masked", "masked_ce_sum", "ar_nll_sum", "ar_tokens", "nonfinite",
+             "objective_sum", "micro_batches")
 
 
 def _unwrap(model):
@@ -46,12 +49,13 @@ def diffusion_forward_step(data_iterator, model, *, schedule: NoiseSchedule, wei
 
 def _diffusion_loss(mb: MicroBatch, schedule, weighting, block_size, ar_nll, ce: torch.Tensor):
     res = diffusion_loss(ce, mb.masked, mb.t, block_size, schedule, weighting)
-    loss = res.loss_sum / res.num_tokens
+    loss = res.loss
     finite = bool(torch.isfinite(loss))
     stats = _stats(loss_sum=res.loss_sum if finite else 0.0, tokens=res.num_tokens, masked=res.num_masked,
                    masked_ce_sum=res.masked_ce_sum if finite else 0.0,
                    ar_nll_sum=ar_nll.sum() if ar_nll is not None else 0.0,
-                   ar_tokens=ar_nll.numel() if ar_nll is not None else 0, nonfinite=0.0 if finite else 1.0)
+                   ar_tokens=ar_nll.numel() if ar_nll is not None else 0, nonfinite=0.0 if finite else 1.0,
+                   objective_sum=loss if finite else 0.0, micro_batches=1)
     return loss, stats
 
 
@@ -73,7 +77,7 @@ def _ar_loss(per_token: torch.Tensor):
     finite = bool(torch.isfinite(loss))
     s = per_token.sum() if finite else 0.0
     return loss, _stats(loss_sum=s, tokens=per_token.numel(), ar_nll_sum=s, ar_tokens=per_token.numel(),
-                        nonfinite=0.0 if finite else 1.0)
+                        nonfinite=0.0 if finite else 1.0, objective_sum=loss if finite else 0.0, micro_batches=1)
 
 
 def reduce_stats(per_micro: list[dict[str, torch.Tensor]], groups: list) -> dict[str, float]:

@@ -63,7 +63,6 @@ class Trainer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
         # 3. model (this pipeline stage), 4. DDP
         self.model = self._build_model()
-        self._pp_replicated = self._mark_pp_replicated()  # before DDP / optimizer copy param attributes
         self.ddp = DistributedDataParallel(
             self.model.config,
             DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
@@ -74,7 +73,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optim, [self.ddp], self.dtype)
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, cfg.trainer.max_steps)
         mc = self.model.config
-        mc.finalize_model_grads_func = self._finalize_grads
+        mc.finalize_model_grads_func = finalize_model_grads
         mc.no_sync_func = self.ddp.no_sync
         mc.grad_scale_func = self.optimizer.scale_loss
         # 6. data
@@ -97,6 +96,11 @@ class Trainer:
         extra = self.checkpointer.load(self.model, self.optimizer, self.scheduler, check=self._check_resumable)
         if extra:
             self._restore(extra)
+        elif cfg.checkpoint.init_from:
+            self.checkpointer.load_weights(self.model, cfg.checkpoint.init_from)
+            if self.rank == 0:
+                print(f"initialised the model from {cfg.checkpoint.init_from} (weights only; fresh optimizer, "
+                      "step 0)", flush=True)
         # 8. metrics (global rank 0 writes)
         self.run_dir = Path(cfg.trainer.run_dir)
         resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
@@ -128,26 +132,6 @@ class Trainer:
                 load_hf_backbone(model.context_tower, cfg.backbone)
                 model.init_denoiser_from_context()
         return model.to(self.device)
-
-    def _mark_pp_replicated(self) -> list[torch.nn.Parameter]:
-        """Parameters every pipeline stage holds a full copy of (the denoiser's adaLN-single):
-        each stage only sees the gradient of its own layers, so the copies' gradients are summed
-        over the PP group before the DP reduction, and only stage 0's copy counts in the grad
-        norm (megatron's ``shared`` flag, as for tied embeddings)."""
-        if self.cfg.objective != "diffusion" or ps.get_pipeline_model_parallel_world_size() == 1:
-            return []
-        params = [p for p in self.model.adaln.parameters() if p.requires_grad]
-        if ps.get_pipeline_model_parallel_rank() > 0:
-            for p in params:
-                p.shared = True
-        return params
-
-    def _finalize_grads(self, model, *args, **kwargs):
-        if self._pp_replicated:
-            group = ps.get_pipeline_model_parallel_group()
-            for p in self._pp_replicated:
-                torch.distributed.all_reduce(p.main_grad, group=group)
-        return finalize_model_grads(model, *args, **kwargs)
 
     def _check_resumable(self, path, extra: dict) -> None:
         """A checkpoint of another model or objective is refused by name before any tensor is read
@@ -235,7 +219,7 @@ class Trainer:
         # before we know whether the step is kept: snapshot it so a skipped step changes nothing.
         biases = [(b, b.detach().clone()) for name, b in self.model.named_buffers() if name.endswith("expert_bias")]
         s = self._run_schedule(micro, forward_only=False)
-        out = {"loss": s["loss_sum"] / max(s["tokens"], 1), "lr": self.scheduler.get_lr(self.optimizer.param_groups[0])}
+        out = {"loss": s["objective_sum"] / max(s["micro_batches"], 1), "lr": self.scheduler.get_lr(self.optimizer.param_groups[0])}
         if self.cfg.objective == "diffusion" and s["masked"]:
             out["masked_ce"] = s["masked_ce_sum"] / s["masked"]
             out["mask_rate"] = s["masked"] / s["tokens"]

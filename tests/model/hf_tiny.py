@@ -27,6 +27,9 @@ def tiny_hf_config(name: str = "all_types", **extra):
         intermediate_size=48, mamba_num_heads=4, mamba_head_dim=8, n_groups=2, ssm_state_size=8,
         conv_kernel=4, chunk_size=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
         moe_shared_expert_intermediate_size=24, routed_scaling_factor=1.5, layer_norm_epsilon=1e-5,
+        # A test setting: transformers' in-library NemotronH clamps dt at time_step_min whatever
+        # time_step_limit says; the release (and we) follow time_step_limit. Make them agree.
+        time_step_min=0.001, time_step_limit=(0.001, float("inf")),
     )
     kw.update(TINY_CONFIGS[name])
     kw.update(extra)

@@ -34,9 +34,10 @@ def run_case(ckpt_ctx: str, ckpt_den: str, parallel) -> tuple[float, dict[str, t
     load_hf_backbone(model.context_tower, ckpt_ctx)
     load_hf_backbone(model.denoiser_tower, ckpt_den)  # a "trained" denoiser differs from the context
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.adaln.parameters():  # replicated: identical on every rank
-            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    from twotower.model.adaln import reset_time_conditioning
+
+    # non-trivial time conditioning, identical on every rank (private, seeded generators)
+    reset_time_conditioning(model.t_embedder, model.t_block, model.scale_shift_tables, "release", seed=7)
     x0 = torch.randint(4, cfg.vocab_size, (B, L), generator=g)
     t = torch.rand(B, L // S, generator=g) * 0.9 + 0.05
     masked = torch.rand(B, L, generator=g) < t.repeat_interleave(S, 1)
@@ -53,7 +54,8 @@ def run_case(ckpt_ctx: str, ckpt_den: str, parallel) -> tuple[float, dict[str, t
 
     grads = {k: p.main_grad for k, p in model.denoiser_tower.named_parameters()}
     full = export_hf_tensors(model.denoiser_tower, grads, prefix="denoiser.")
-    full |= {f"adaln.{k}": p.main_grad.clone() for k, p in model.adaln.named_parameters()}
+    full |= {f"{m}.{k}": p.main_grad.clone() for m, mod in model.time_conditioning_modules().items()
+             for k, p in mod.named_parameters()}
     assert all(p.grad is None for p in model.context_tower.parameters())
     mean_loss = loss.detach().clone()
     if dp > 1:

@@ -109,7 +109,8 @@ def test_two_tower_saves_denoiser_only_and_checks_context(megatron_world1, tmp_p
     model = build(ctx_ckpt / "ctx")
     with torch.no_grad():
         model.denoiser_tower.layers[1].mixer.linear_qkv.weight.mul_(1.5)
-        model.adaln.layer_offsets.add_(0.25)
+        model.scale_shift_tables['2'].add_(0.25)
+        model.t_block[1].weight.add_(0.01)
     ck = Checkpointer(CheckpointConfig(dir=str(tmp_path)))
     path = ck.save(7, model, None, None, {})
     assert json.loads((path / "extra.json").read_text())["step"] == 7

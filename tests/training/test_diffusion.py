@@ -130,7 +130,52 @@ def test_validation_summary_in_bits_and_perplexity():
     (dict(t_max=1.5), r"diffusion.t_max=1.5 is outside \[0, 1\]"),
     (dict(t_min=0.6, t_max=0.4), "must be below"),
     (dict(schedule="linear"), "diffusion.schedule='linear'"),
+    (dict(loss_weighting="elbo"), "diffusion.loss_weighting='elbo': use one of nelbo, unweighted, masked_mean"),
+    (dict(time_per="token"), "diffusion.time_per='token': use 'block' or 'sequence'"),
 ])
 def test_bad_diffusion_settings(kw, msg):
     with pytest.raises(ConfigError, match=msg):
         DiffusionConfig(**kw)
+
+
+# ---------------------------------------------------------------- the release's recipe (spec §11)
+def _release_cfg():
+    return DiffusionConfig(schedule="loglinear", eps=1e-3, loss_weighting="masked_mean", antithetic=False,
+                           min_masked_per_block=0, time_per="sequence")
+
+
+def test_release_recipe_one_time_per_sequence_uniform_above_eps():
+    from twotower.training.batches import MicroBatch, add_noise
+    from twotower.training.config import BatchPlan
+
+    cfg, S, L, G = _release_cfg(), 4, 32, 4096
+    plan = BatchPlan.derive(G, G, 1)
+    x0 = torch.randint(4, 50, (G, L), generator=torch.Generator().manual_seed(0))
+    mb = add_noise(MicroBatch(x0, first_index=0), 0, plan, cfg, S, 3, seed=1, schedule=NoiseSchedule())
+    assert mb.t.shape == (G, 1)  # every block of a sequence shares (and feeds adaLN) this t
+    t = mb.t[:, 0].double()
+    assert t.min() >= 1e-3 and t.max() < 1.0
+    # t = eps + (1 - eps) U[0, 1): the standardised values are uniform (KS distance)
+    u = ((t - 1e-3) / (1 - 1e-3)).sort().values.numpy()
+    ks = np.abs(u - (np.arange(1, G + 1) - 0.5) / G).max()
+    assert ks < 1.6 / math.sqrt(G)
+    # each token masked independently with probability t (no forced minimum): per-sequence rates
+    rate = mb.masked.double().mean(1)
+    z = (rate - t) / torch.sqrt(t * (1 - t) / L).clamp(min=1e-6)
+    assert abs(float(z.mean())) < 0.1 and 0.85 < float(z.std()) < 1.15
+    assert int((mb.masked.view(G, L // S, S).sum(-1) == 0).sum()) > 0  # blocks without masks exist
+    assert torch.equal(mb.xt[mb.masked], torch.full_like(mb.xt[mb.masked], 3))
+
+
+def test_release_loss_is_the_masked_mean_without_time_weight():
+    ce = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
+    masked = torch.tensor([[True, False, True, False], [False, False, False, True]])
+    t = torch.tensor([[0.5], [0.1]])  # one t per sequence: no 1/t weight may enter
+    out = diffusion_loss(ce, masked, t, 2, NoiseSchedule(), "masked_mean")
+    assert float(out.loss) == pytest.approx((1.0 + 3.0 + 8.0) / 3)
+    assert float(out.num_masked) == 3 and out.num_tokens == 8
+    none = diffusion_loss(ce, torch.zeros_like(masked), t, 2, NoiseSchedule(), "masked_mean")
+    assert float(none.loss) == 0.0  # a micro-batch without masks contributes nothing (no NaN)
+    # the NELBO with one t per sequence weights every block of a row by that row's 1/t
+    nelbo = diffusion_loss(ce, masked, t, 2, NoiseSchedule(), "nelbo")
+    assert float(nelbo.loss) == pytest.approx(((1.0 + 3.0) / 0.5 + 8.0 / 0.1) / 8)

@@ -104,3 +104,26 @@ def test_resume_refuses_a_checkpoint_of_another_model(compose_config, corpus, tm
     with pytest.raises(CheckpointError, match=r"model.hidden_size: checkpoint 96, this run 64"):
         _run(compose_config, _overrides(corpus, tmp_path / "a", N, "model.hidden_size=64",
                                         "model.head_dim=16", "model.mamba_head_dim=16"))
+
+
+@pytest.mark.slow
+def test_next_phase_starts_from_the_previous_phases_weights_only(compose_config, corpus, tmp_path):
+    """checkpoint.init_from (how the paper's phases chain): the final weights of phase 1, a fresh
+    optimizer and LR schedule at step 0, and a different block size (32 -> 16 in the paper)."""
+    _, w_phase1, _, _ = _run(compose_config, _overrides(corpus, tmp_path / "p1", K))
+    init = tmp_path / "p1" / "ckpt" / f"step_{K:08d}"
+    from twotower.model.megatron_cpu import destroy_parallel
+    from twotower.training.trainer import Trainer
+
+    tr = Trainer(compose_config(*_overrides(corpus, tmp_path / "p2", N, f"checkpoint.init_from={init}",
+                                            "twotower.block_size=4", "optim.warmup_steps=2")))
+    try:
+        assert tr.step == 0 and tr.consumed_tokens == 0
+        now = tr.model.denoiser_tower.state_dict()
+        assert all(torch.equal(w_phase1[k], now[k]) for k in w_phase1)
+        assert tr.scheduler.get_lr(tr.optimizer.param_groups[0]) < 3e-3 / 2  # warming up again
+        row = tr.train_step()
+        assert tr.step == 1 and row["loss"] == row["loss"]  # trains (finite)
+    finally:
+        tr.close()
+        destroy_parallel()

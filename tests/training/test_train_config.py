@@ -15,7 +15,8 @@ from twotower.model.config import ConfigError
 REPO = Path(__file__).parents[2]
 
 
-@pytest.mark.parametrize("experiment", ["smoke_cpu", "demo", "demo_ar", "twotower_nano_2p1t"])
+@pytest.mark.parametrize("experiment", ["smoke_cpu", "demo", "demo_ar", "twotower_nano_2p1t",
+                                        "twotower_nano_2p1t_phase2", "twotower_nano_2p1t_phase3"])
 def test_every_experiment_composes_and_validates(compose_config, experiment):
     cfg = compose_config(f"experiment={experiment}")
     world = cfg.cluster.nodes * max(cfg.cluster.gpus_per_node, 1)
@@ -23,13 +24,30 @@ def test_every_experiment_composes_and_validates(compose_config, experiment):
     assert plan.num_microbatches * plan.micro_batch_size * plan.dp == cfg.trainer.global_batch_size
 
 
-def test_nano_experiment_has_the_reported_shape(compose_config):
-    cfg = compose_config("experiment=twotower_nano_2p1t")
-    assert cfg.model.num_layers == 52 and cfg.parallel.ep == 16 and cfg.twotower.block_size == 16
-    assert cfg.cluster.nodes * cfg.cluster.gpus_per_node == 512
-    plan = cfg.validate(512)
-    tokens = cfg.trainer.max_steps * cfg.trainer.global_batch_size * cfg.trainer.seq_len
-    assert 2.0e12 < tokens < 2.2e12 and plan.dp == 512 and plan.num_microbatches == 6
+def test_nano_experiment_is_the_papers_three_phase_recipe(compose_config):
+    """Phases S=32, S=32, S=16 with the release recipe and a fresh WSD 1e-4 -> 1e-6 each; every
+    phase starts (weights only) from the previous phase's final checkpoint; ~2.1T tokens in all."""
+    names = ["twotower_nano_2p1t", "twotower_nano_2p1t_phase2", "twotower_nano_2p1t_phase3"]
+    cfgs = [compose_config(f"experiment={n}") for n in names]
+    assert [c.twotower.block_size for c in cfgs] == [32, 32, 16]
+    tokens = 0
+    for k, cfg in enumerate(cfgs):
+        assert cfg.model.num_layers == 52 and cfg.parallel.ep == 16
+        assert cfg.cluster.nodes * cfg.cluster.gpus_per_node == 512
+        plan = cfg.validate(512)
+        assert plan.dp == 512 and plan.num_microbatches == 6
+        d = cfg.diffusion
+        assert (d.time_per, d.loss_weighting, d.antithetic, d.min_masked_per_block, d.eps) == (
+            "sequence", "masked_mean", False, 0, 1e-3)
+        assert (cfg.optim.schedule, cfg.optim.lr, cfg.optim.min_lr) == ("wsd", 1e-4, 1e-6)
+        tokens += cfg.trainer.max_steps * cfg.trainer.global_batch_size * cfg.trainer.seq_len
+        if k:
+            prev = cfgs[k - 1]
+            assert cfg.checkpoint.init_from == f"{prev.checkpoint.dir}/step_{prev.trainer.max_steps:08d}"
+            assert cfg.checkpoint.dir != prev.checkpoint.dir
+    assert cfgs[0].checkpoint.init_from is None
+    assert 2.0e12 < tokens < 2.2e12
+    assert cfgs[1].data.train[0].path != cfgs[0].data.train[0].path  # phase 2 changes the blend
 
 
 def test_overrides_reach_the_dataclasses(compose_config):
@@ -58,6 +76,8 @@ def test_impossible_layouts_are_refused(compose_config, overrides, world, msg):
     ("diffusion.t_max=1.5", r"diffusion\.t_max=1\.5 is outside \[0, 1\]"),
     ("optim.schedule=linear", r"optim\.schedule='linear'"),
     ("model.pattern=M*Q", r"unknown layer symbol"),
+    ("twotower.adaln_init=zero", r"twotower\.adaln_init='zero': use one of identity, release"),
+    ("diffusion.loss_weighting=elbo", r"diffusion\.loss_weighting='elbo': use one of nelbo, unweighted, masked_mean"),
 ])
 def test_bad_values_are_refused(compose_config, override, msg):
     with pytest.raises(ConfigError, match=msg):

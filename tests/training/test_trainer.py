@@ -28,9 +28,11 @@ SMALL = ["experiment=smoke_cpu", "parallel.attention_backend=sdpa", "parallel.ss
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective,steps", [("ar", 40), ("diffusion", 60)])
-def test_tiny_run_learns(compose_config, tmp_path, objective, steps):
-    with trainer_for(compose_config, *SMALL, f"objective={objective}", f"trainer.max_steps={steps}",
+@pytest.mark.parametrize("objective,steps,extra", [("ar", 40, []), ("diffusion", 60, []),
+                                                   ("diffusion", 60, ["diffusion=release"])],
+                         ids=["ar", "diffusion", "diffusion-release"])
+def test_tiny_run_learns(compose_config, tmp_path, objective, steps, extra):
+    with trainer_for(compose_config, *SMALL, *extra, f"objective={objective}", f"trainer.max_steps={steps}",
                      f"trainer.run_dir={tmp_path}", "trainer.log_interval=10",
                      "trainer.peak_flops_per_device=1e12") as tr:
         tr.train()

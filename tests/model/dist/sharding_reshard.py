@@ -40,11 +40,19 @@ def build(ctx: str, layout: str):
     return model
 
 
+def time_params(model) -> dict:
+    """The time conditioning under its release names (tables: this pipeline stage's layers)."""
+    return {f"{m}.{k}": p for m, mod in model.time_conditioning_modules().items() for k, p in mod.named_parameters()}
+
+
 @torch.no_grad()
 def perturb(model) -> None:
     """Layout-agnostic enough: every local tensor gets a deterministic, name-dependent offset."""
-    for i, (name, p) in enumerate(sorted(model.denoiser_tower.named_parameters()) + sorted(model.adaln.named_parameters())):
-        g = torch.Generator().manual_seed(1000 + i)
+    import zlib
+
+    # seeded by name: the time network every pipeline stage holds gets the same offset everywhere
+    for name, p in sorted(model.denoiser_tower.named_parameters()) + sorted(time_params(model).items()):
+        g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
         p.add_(0.01 * torch.randn(p.shape, generator=g))
 
 
@@ -54,13 +62,12 @@ def snapshot(model) -> dict:
     from twotower.model.sharding import context_fingerprint
 
     full = export_hf_tensors(model.denoiser_tower, prefix="denoiser.")
-    full = {k: v.clone() for k, v in full.items()}
+    full = {k: v.clone() for k, v in full.items()} | {k: v.detach().clone() for k, v in time_params(model).items()}
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         parts = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(parts, full)
         for p in parts:
             full.update(p)
-    full |= {f"adaln.{k}": v.detach().clone() for k, v in model.adaln.state_dict().items()}
     return {"tensors": full, "fingerprint": context_fingerprint(model.context_tower)}
 
 
