@@ -42,7 +42,8 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    package_data={"twotower.conf": ["*.yaml", "**/*.yaml"]},
+    # hf_remote/: the modeling code copied into exported folders (data, not a package)
+    package_data={"twotower.conf": ["*.yaml", "**/*.yaml"], "twotower.model": ["hf_remote/*.py"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.6",
@@ -68,6 +69,7 @@ setup(
             "twotower-plan=twotower.training.planner:main",
             "twotower-generate=twotower.training.generate:main",
             "twotower-demo=twotower.training.demo:main",
+            "twotower-convert=twotower.training.convert:main",
         ]
     },
 )

@@ -146,6 +146,17 @@ def check_complete(path: str | Path) -> Path:
     return p
 
 
+def find_checkpoint(path: str | Path) -> Path:
+    """A complete checkpoint folder: ``path`` itself, or the newest complete one under it."""
+    p = Path(path)
+    if p.is_dir() and not STEP_RE.match(p.name) and not (p / "extra.json").exists():
+        latest = Checkpointer(CheckpointConfig(dir=str(p))).latest()
+        if latest is None:
+            raise CheckpointError(f"{p}: no complete checkpoint (a step_*/ folder with a {COMPLETE} marker) in it")
+        p = latest
+    return check_complete(p)
+
+
 # ------------------------------------------------------------------------------------------------ API
 class Checkpointer:
     def __init__(self, cfg: CheckpointConfig):
@@ -244,9 +255,9 @@ class Checkpointer:
         return self._load(path, model, optimizer, scheduler, check, restore_rng=True)
 
     def load_weights(self, model, path: str | Path) -> dict:
-        """Collective. Only the model's weights from the checkpoint ``path`` (``init_from``);
-        returns its saved ``extra`` dict."""
-        return self._load(Path(path), model, None, None, None, restore_rng=False)
+        """Collective. Only the model's weights from the checkpoint ``path`` (or the newest under
+        it: ``init_from``); returns its saved ``extra`` dict."""
+        return self._load(find_checkpoint(path), model, None, None, None, restore_rng=False)
 
     def _load(self, path: Path, model, optimizer, scheduler, check, restore_rng: bool) -> dict:
         from megatron.core import dist_checkpointing

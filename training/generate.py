@@ -1,14 +1,17 @@
-"""``twotower-generate``: decode from a trained TwoTower run in one of three modes.
+"""``twotower-generate``: decode from a trained TwoTower in the release's three modes.
 
-    twotower-generate --run runs/demo/twotower --prompt "The cat" --mode diffusion --threshold 0.8
-    twotower-generate --run runs/demo/twotower --prompt "The cat" --mode ar --max-new-tokens 64
+    twotower-generate --run runs/demo/twotower --prompt "The cat" --mode diffusion --gamma 0.8
+    twotower-generate --checkpoint runs/x/checkpoints --prompt "The cat" --mode ar --max-new-tokens 64
+    twotower-generate --hf export/x --input-ids 5,17,42 --mode all --stats --output-ids
     twotower-generate --run runs/demo/twotower --prompt-file prompts.txt --mode all
 
-The run directory holds the resolved ``config.yaml`` written by ``twotower-train``; the
-context tower is loaded from its ``backbone`` and the denoiser from the newest checkpoint
-(or ``--checkpoint``). Prompts are tokenized with the tokenizer recorded in the training
-data's manifest (``byte`` for the demo). Prints the text and, per mode, tokens/s and
-tokens per denoiser forward (NFE).
+Sources: a ``twotower-train`` run directory (``--checkpoint`` then picks one of its
+checkpoints), a checkpoint (or a folder of them), or an exported / released-format folder
+(``--hf``). Prompts are text (tokenized with the tokenizer the source records: the training
+data's manifest, or the folder's tokenizer files) or token ids (``--input-ids``, for models
+without a tokenizer). Per mode it prints the text, or with ``--stats`` one JSON line with
+``tokens``, ``nfe``, ``tokens_per_nfe``, ``seconds``, ``tokens_per_s`` (and ``ids`` with
+``--output-ids``). Exit code 2: bad arguments; 5: bad checkpoint or folder.
 """
 
 from __future__ import annotations
@@ -19,102 +22,120 @@ import sys
 from pathlib import Path
 
 
-def load_run(run_dir: str | Path, checkpoint: str | None = None):
-    """(TwoTowerModel with both towers loaded, TrainConfig) for a finished or running run."""
-    from omegaconf import OmegaConf
-
-    from twotower.model.hf_import import load_hf_backbone
-    from twotower.model.megatron_cpu import init_parallel
-    from twotower.model.two_tower import build_two_tower
-    from twotower.training.checkpoint import Checkpointer
-    from twotower.training.config import to_train_config
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").exists():
-        raise SystemExit(f"{run_dir}: no config.yaml (not a twotower-train run directory)")
-    cfg = to_train_config(OmegaConf.load(run_dir / "config.yaml"))
-    if cfg.objective != "diffusion":
-        raise SystemExit(f"{run_dir}: objective={cfg.objective}; generation needs a diffusion (TwoTower) run")
-    if checkpoint:
-        cfg.checkpoint.resume = checkpoint
-    init_parallel()
-    model = build_two_tower(cfg.model, cfg.parallel, cfg.twotower)
-    if cfg.backbone:
-        load_hf_backbone(model.context_tower, cfg.backbone)
-        model.init_denoiser_from_context()
-    if Checkpointer(cfg.checkpoint).load(model, None, None) is None:
-        raise SystemExit(f"{cfg.checkpoint.dir}: no complete checkpoint to load the denoiser from")
-    return model.eval(), cfg
-
-
-def tokenizer_for(cfg):
-    from twotower.data.tokenizers import load_tokenizer
-
-    if cfg.data is None:
-        return load_tokenizer("byte")
-    manifest = json.loads((Path(cfg.data.train[0].path) / "manifest.json").read_text())
-    return load_tokenizer(manifest["tokenizer"])
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", required=True, help="twotower-train run directory")
-    ap.add_argument("--checkpoint", help="checkpoint directory (default: the newest complete one)")
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="twotower-generate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", help="twotower-train run directory")
+    ap.add_argument("--checkpoint", help="checkpoint folder or a folder of them (with --run: of that run)")
+    ap.add_argument("--hf", help="exported / released-format Hugging Face folder")
+    ap.add_argument("--backbone", help="the context tower's HF folder (default: the one the checkpoint records)")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt")
     src.add_argument("--prompt-file", help="one prompt per line")
+    src.add_argument("--input-ids", help="comma-separated token ids of one prompt, e.g. 5,17,42")
     ap.add_argument("--mode", choices=["diffusion", "mock_ar", "ar", "all"], default="diffusion")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--block-size", type=int, default=None, help="default: the training block size")
     ap.add_argument("--steps-per-block", type=int, default=None, help="default: the block size")
-    ap.add_argument("--threshold", type=float, default=0.8, help="confidence threshold gamma")
+    ap.add_argument("--gamma", "--threshold", dest="gamma", type=float, default=0.8,
+                    help="confidence threshold (the paper's operating point: 0.8)")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-k", type=int, default=0, help="AR / mock-AR sampling: keep the k best (0: all)")
     ap.add_argument("--top-p", type=float, default=1.0, help="AR / mock-AR sampling: nucleus mass")
+    ap.add_argument("--stats", action="store_true", help="one JSON line of counters per prompt and mode")
+    ap.add_argument("--output-ids", action="store_true", help="print the generated token ids")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
     args = ap.parse_args(argv)
+    if sum(x is not None for x in (args.run, args.hf)) + (args.checkpoint is not None and args.run is None) != 1:
+        ap.error("give exactly one source: --run [--checkpoint], --checkpoint, or --hf")
+    ids = None
+    if args.input_ids:
+        try:
+            ids = [int(x) for x in args.input_ids.replace(" ", "").split(",") if x]
+        except ValueError:
+            ap.error(f"--input-ids={args.input_ids!r}: expected comma-separated integers")
+        if not ids:
+            ap.error("--input-ids is empty")
     import torch
 
     from twotower.training.quiet import quiet_third_party
 
     quiet_third_party()
-    model, cfg = load_run(args.run, args.checkpoint)
-    tok = tokenizer_for(cfg)
-    prompts = [args.prompt] if args.prompt else Path(args.prompt_file).read_text().splitlines()
-    S = args.block_size or cfg.twotower.block_size
+    from twotower.model.hf_import import CheckpointKeyError
+    from twotower.training.checkpoint import CheckpointError
+    from twotower.training.inference_model import load_for_inference
+
+    try:
+        loaded = load_for_inference(args.run, args.checkpoint, args.hf, args.backbone)
+    except (CheckpointError, CheckpointKeyError, FileNotFoundError) as e:
+        print(f"twotower-generate: error: {e}", file=sys.stderr)
+        return 5
+    S = args.block_size or loaded.twotower.block_size
     modes = ["diffusion", "mock_ar", "ar"] if args.mode == "all" else [args.mode]
     if "diffusion" in modes and args.max_new_tokens % S:
         ap.error(f"--max-new-tokens={args.max_new_tokens} must be a multiple of the block size {S} for "
                  f"diffusion decoding (e.g. {-(-args.max_new_tokens // S) * S})")
-    kw = dict(block_size=S, steps_per_block=args.steps_per_block or S, mask_token_id=cfg.twotower.mask_token_id,
-              confidence_threshold=args.threshold)
+    tok = None
+    if ids is None:
+        if loaded.tokenizer is None:
+            ap.error("this model records no tokenizer: give --input-ids (or export it with --tokenizer)")
+        from twotower.data.tokenizers import load_tokenizer
+
+        tok = load_tokenizer(loaded.tokenizer)
+        texts = [args.prompt] if args.prompt else Path(args.prompt_file).read_text().splitlines()
+        prompts = [(text, tok.encode(text)) for text in texts]
+    else:
+        prompts = [(None, ids)]
+    vocab = loaded.model.backbone.vocab_size
+    for _, p in prompts:
+        if not p or min(p) < 0 or max(p) >= vocab:
+            ap.error(f"prompt ids must be non-empty and in [0, {vocab}) (the model's vocab_size)")
     # Decoding shapes change every step: megatron's torch.compile'd fusions (squared ReLU, ...)
     # would recompile until dynamo's limit for no gain at these sizes, so run them eagerly.
     with torch.compiler.set_stance("force_eager"):
-        _decode_all(model, tok, prompts, modes, args, kw)
+        _decode_all(loaded, tok, prompts, modes, args, S)
+    return 0
 
 
-def _decode_all(model, tok, prompts, modes, args, kw) -> None:
+def _decode_all(loaded, tok, prompts, modes, args, S: int) -> None:
     import torch
 
     from twotower.model.decoding import generate_ar, generate_mask_diffusion, generate_mock_ar
 
-    common = dict(temperature=args.temperature, eos_token_id=tok.eos_id)
+    eos = tok.eos_id if tok is not None else None
+    common = dict(temperature=args.temperature, eos_token_id=eos)
     sampling = dict(common, top_k=args.top_k, top_p=args.top_p)
-    for prompt in prompts:
-        ids = torch.tensor([tok.encode(prompt)], dtype=torch.long)
+    model = loaded.model
+    for text, prompt in prompts:
+        ids = torch.tensor([prompt], dtype=torch.long)
         for mode in modes:
             if mode == "ar":
                 out = generate_ar(model, ids, args.max_new_tokens, **sampling)
             elif mode == "mock_ar":
                 out = generate_mock_ar(model, ids, args.max_new_tokens, **sampling)
             else:
-                out = generate_mask_diffusion(model, ids, args.max_new_tokens, **kw, **common)
+                out = generate_mask_diffusion(model, ids, args.max_new_tokens, block_size=S,
+                                              steps_per_block=args.steps_per_block or S,
+                                              mask_token_id=loaded.twotower.mask_token_id,
+                                              confidence_threshold=args.gamma, **common)
             new = out.sequences[0, ids.shape[1]:].tolist()
-            if tok.eos_id in new:  # the decoders keep a block whole after eos; show text up to it
-                new = new[:new.index(tok.eos_id)]
-            text = tok.decode(new)
-            print(f"[{mode:9s}] {out.tokens_per_second:8.1f} tok/s  {out.tokens_per_nfe:5.2f} tok/NFE  "
-                  f"{prompt!r} -> {text!r}", flush=True)
+            if args.stats:
+                row = {"mode": mode, "tokens": out.new_tokens, "nfe": out.nfe,
+                       "tokens_per_nfe": round(out.tokens_per_nfe, 4), "seconds": round(out.seconds, 4),
+                       "tokens_per_s": round(out.tokens_per_second, 2)}
+                print(json.dumps(row | ({"ids": new} if args.output_ids else {})), flush=True)
+                continue
+            if args.output_ids:
+                print(f"[{mode:9s}] " + ",".join(map(str, new)), flush=True)
+            if tok is not None:
+                if eos in new:  # the decoders keep a block whole after eos; show text up to it
+                    new = new[:new.index(eos)]
+                print(f"[{mode:9s}] {out.tokens_per_second:8.1f} tok/s  {out.tokens_per_nfe:5.2f} tok/NFE  "
+                      f"{text!r} -> {tok.decode(new)!r}", flush=True)
 
 
 if __name__ == "__main__":

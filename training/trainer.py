@@ -33,6 +33,7 @@ from omegaconf import OmegaConf
 from twotower.model.backbone import build_backbone
 from twotower.model.hf_import import load_hf_backbone
 from twotower.model.megatron_cpu import init_parallel
+from twotower.model.released_format import load_context_tower
 from twotower.model.two_tower import build_two_tower
 from twotower.training import flops as flops_lib
 from twotower.training.batches import MicroBatch, SyntheticTokens, add_noise, first_sample_index
@@ -128,8 +129,8 @@ class Trainer:
                 load_hf_backbone(model, cfg.backbone)
         else:
             model = build_two_tower(cfg.model, cfg.parallel, cfg.twotower, **kw)
-            if cfg.backbone:
-                load_hf_backbone(model.context_tower, cfg.backbone)
+            if cfg.backbone:  # a NemotronH folder, or a released TwoTower's context tower
+                load_context_tower(model.context_tower, cfg.backbone)
                 model.init_denoiser_from_context()
         return model.to(self.device)
 
