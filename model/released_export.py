@@ -29,7 +29,8 @@ def export_config(backbone: BackboneConfig, dtype: str, backbone_only: bool, sou
                   mask_token_id: int = 3, block_size: int = 16) -> dict:
     """The ``config.json`` of an export (``source_config``: the backbone's own, for special ids)."""
     cfg = backbone.to_hf_dict()
-    # transformers' NemotronH clamps dt at time_step_min at run time: make it the clamp we trained with
+    # (--backbone-only) transformers' own NemotronH clamps dt at time_step_min at run time: make it
+    # the clamp we trained with (our remote code, like the release, reads time_step_limit)
     cfg["time_step_min"] = backbone.mamba_dt_min
     cfg["num_hidden_layers"] = backbone.num_layers
     cfg |= {k: (source_config or {}).get(k, v) for k, v in _SPECIAL_IDS.items()}

@@ -15,7 +15,6 @@ from hf_tiny import tiny_hf_model
 
 from twotower.training.convert import main as convert
 
-REPO = Path(__file__).parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -114,26 +113,6 @@ def test_bad_input_is_named(case, hf_dir, imported, tmp_path, capsys):
     assert rc in (2, 5)
     assert msg in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-
-
-@pytest.mark.distributed
-@pytest.mark.parametrize("layout", [["--tp", "2"], ["--ep", "2"]], ids=["tp2", "ep2"])
-def test_import_at_another_layout_writes_the_same_checkpoint(torchrun, hf_dir, imported, tmp_path, layout):
-    """Each rank reads only its slices; the checkpoint content equals the single-process one."""
-    from twotower.model.megatron_cpu import destroy_parallel
-    from twotower.training.inference_model import load_for_inference
-
-    torchrun(REPO / "training" / "convert.py", nproc=2,
-             args=["import-hf", "--hf", str(hf_dir), "--output", str(tmp_path / "ck"), "--block-size", "4", *layout])
-    states = []
-    for ckpt in (imported, tmp_path / "ck"):
-        try:
-            states.append(load_for_inference(checkpoint=str(ckpt)).model.state_dict())
-        finally:
-            destroy_parallel()
-    a, b = states
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))
 
 
 def test_streaming_writer_holds_about_two_shards(tmp_path):
