@@ -16,7 +16,6 @@ from hf_tiny import tiny_hf_model
 from twotower.training.convert import main as convert
 
 
-
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("convert") / "hf"
