@@ -60,20 +60,28 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--input-ids={args.input_ids!r}: expected comma-separated integers")
         if not ids:
             ap.error("--input-ids is empty")
-    import torch
-
     from twotower.training.quiet import quiet_third_party
 
     quiet_third_party()
     from twotower.model.hf_import import CheckpointKeyError
+    from twotower.model.megatron_cpu import destroy_parallel
     from twotower.training.checkpoint import CheckpointError
-    from twotower.training.inference_model import load_for_inference
 
     try:
-        loaded = load_for_inference(args.run, args.checkpoint, args.hf, args.backbone)
+        return _run(ap, args, ids)
     except (CheckpointError, CheckpointKeyError, FileNotFoundError) as e:
         print(f"twotower-generate: error: {e}", file=sys.stderr)
         return 5
+    finally:
+        destroy_parallel()
+
+
+def _run(ap, args, ids) -> int:
+    import torch
+
+    from twotower.training.inference_model import load_for_inference
+
+    loaded = load_for_inference(args.run, args.checkpoint, args.hf, args.backbone)
     S = args.block_size or loaded.twotower.block_size
     modes = ["diffusion", "mock_ar", "ar"] if args.mode == "all" else [args.mode]
     if "diffusion" in modes and args.max_new_tokens % S:

@@ -173,3 +173,43 @@ def test_import_at_another_layout_writes_the_same_checkpoint(torchrun, released,
     # the denoiser is the released one, not a copy of the context tower
     assert not torch.equal(a["denoiser_tower.embedding.word_embeddings.weight"],
                            a["context_tower.embedding.word_embeddings.weight"])
+
+
+def test_generate_cli_reads_checkpoints_and_exports_alike(released, imported, tmp_path, capsys):
+    """twotower-generate on the imported checkpoint and on its export: the same greedy ids, and
+    --stats prints one JSON line per mode with the counters."""
+    from twotower.training.generate import main as generate
+
+    out = tmp_path / "export"
+    assert convert(["export-hf", "--checkpoint", str(imported), "--output", str(out), "--dtype", "fp32",
+                    "--backbone", str(released)]) == 0
+    capsys.readouterr()
+    common = ["--input-ids", "5,17,42,9", "--mode", "all", "--max-new-tokens", "8", "--gamma", "0.3",
+              "--stats", "--output-ids"]
+    rows = {}
+    for source in (["--checkpoint", str(imported), "--backbone", str(released)], ["--hf", str(out)]):
+        assert generate([*source, *common]) == 0
+        lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+        assert [r["mode"] for r in lines] == ["diffusion", "mock_ar", "ar"]
+        for r in lines:
+            assert r["tokens"] == len(r["ids"]) == 8 and r["nfe"] >= 1
+            assert r["tokens_per_nfe"] == pytest.approx(r["tokens"] / r["nfe"], rel=1e-3)
+            assert set(r) == {"mode", "tokens", "nfe", "tokens_per_nfe", "seconds", "tokens_per_s", "ids"}
+        rows[source[0]] = [r["ids"] for r in lines]
+    assert rows["--checkpoint"] == rows["--hf"]
+    with pytest.raises(SystemExit) as e:  # this export has no tokenizer: text prompts are refused
+        generate(["--hf", str(out), "--prompt", "hello"])
+    assert e.value.code == 2 and "records no tokenizer: give --input-ids" in capsys.readouterr().err
+
+
+@pytest.mark.distributed
+def test_export_at_tp2_writes_the_same_folder(torchrun, released, imported, tmp_path):
+    one, two = tmp_path / "tp1", tmp_path / "tp2"
+    assert convert(["export-hf", "--checkpoint", str(imported), "--output", str(one), "--backbone", str(released),
+                    "--max-shard-size", "0.00005"]) == 0
+    torchrun(REPO / "training" / "convert.py", nproc=2,
+             args=["export-hf", "--checkpoint", str(imported), "--output", str(two), "--backbone", str(released),
+                   "--max-shard-size", "0.00005", "--tp", "2"])
+    a, b = _folder_tensors(one), _folder_tensors(two)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(set(json.loads((two / "model.safetensors.index.json").read_text())["weight_map"].values())) > 2
