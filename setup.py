@@ -66,6 +66,7 @@ setup(
         "console_scripts": [
             "twotower-tokenize=twotower.data.tokenize:main",
             "twotower-train=twotower.training.train:main",
+            "twotower-launch=twotower.launch.cli:main",
             "twotower-plan=twotower.training.planner:main",
             "twotower-generate=twotower.training.generate:main",
             "twotower-demo=twotower.training.demo:main",

@@ -2,7 +2,8 @@
 
 Stage: before anything else. Input: the Hydra-composed config (``conf/config.yaml`` with
 groups ``model/ parallel/ data/ diffusion/ optim/ trainer/ logging/ cluster/ experiment/``
-and command-line overrides). Output: a validated ``TrainConfig`` of dataclasses. Types are
+and command-line overrides; the ``launch.*`` keys are read by ``twotower-launch`` only).
+Output: a validated ``TrainConfig`` of dataclasses. Types are
 checked by OmegaConf against this schema (unknown keys are rejected), ranges and
 cross-field rules by the ``__post_init__`` methods and ``TrainConfig.validate(world_size)``,
 all before a process group or a weight exists. Every error names the key.
@@ -53,8 +54,8 @@ class TrainerConfig:
     synthetic_data: bool = False
     """Train on deterministic synthetic sequences instead of ``data`` (smoke runs, layout checks)."""
     exit_after_steps: int = 0
-    """Stop cleanly (checkpoint, exit 0) after this many steps of this launch although the LR
-    schedule runs to ``max_steps``; relaunching the same command resumes (0: off)."""
+    """Stop cleanly (checkpoint; ``twotower-train`` exits 6) after this many steps of this launch
+    although the LR schedule runs to ``max_steps``; relaunching the same command resumes (0: off)."""
     exit_after_minutes: float = 0.0
     """The same after this many minutes of this launch (e.g. the job's time limit minus the time a
     checkpoint takes; 0: off). SIGTERM and SIGUSR1 also stop at the end of the current step."""
@@ -121,20 +122,109 @@ class LoggingConfig:
 
 @dataclass
 class ClusterConfig:
-    """Where jobs run (used by ``twotower-launch``; absolute paths belong only here)."""
+    """Where jobs run: ``twotower-launch`` turns it into a local ``torchrun`` (``scheduler: local``)
+    or a self-requeuing sbatch job (``scheduler: slurm``). Site names and absolute paths belong
+    only in ``conf/cluster/``; ``twotower-train`` itself reads nothing here but the GPU count
+    (``--plan``)."""
 
     name: str = "local"
+    """The preset's name (job records, ``twotower-launch status``)."""
+    scheduler: str = "local"
+    """``local``: torchrun on this machine; ``slurm``: sbatch + ``srun``, one task per GPU."""
     nodes: int = 1
     gpus_per_node: int = 0
     """0: CPU (gloo)."""
+    tasks_per_node: int = 0
+    """Training processes per node (0: one per GPU, or 1 on a CPU node). With GPUs it must be
+    ``gpus_per_node``: one rank per GPU."""
+    cpus_per_node: int = 0
+    """CPU cores to request per node; SLURM gets ``--cpus-per-task`` = this / tasks (0: site default)."""
+    mem: str | None = None
+    """SLURM ``--mem`` per node (``"0"``: all of the node's memory; None: site default)."""
     partition: str | None = None
     account: str | None = None
+    qos: str | None = None
     time: str = "04:00:00"
+    """Wall-clock limit of one job segment (SLURM ``--time``: ``[D-]HH:MM:SS``, ``HH:MM``, ``MM``)."""
+    exclusive: bool = False
+    """SLURM ``--exclusive``: no other job shares the nodes."""
+    gpu: str = "H100"
+    """GPU model for the planner's peak FLOP/s (``twotower.training.flops.PEAK_FLOPS``)."""
+    gpu_mem_gib: float = 80.0
+    """Memory of one GPU for the planner (it refuses layouts that do not fit)."""
     container_image: str | None = None
+    """pyxis/enroot image: ``srun --container-image`` (None: run on the host, see ``setup``)."""
     container_mounts: list[str] = field(default_factory=list)
+    """``src:dst`` pairs for ``srun --container-mounts`` (data, checkpoints, the run directory)."""
+    python: str | None = None
+    """Interpreter that runs the training (None: ``python`` inside a container or after ``setup``
+    lines, else the launcher's own interpreter)."""
     env: dict[str, str] = field(default_factory=dict)
+    """Exported in the job before the training starts (NCCL / CUDA settings)."""
     setup: list[str] = field(default_factory=list)
-    """Shell lines run before the job (module loads, venv activation)."""
+    """Shell lines run before the job (module loads, virtualenv activation)."""
+    sbatch_args: list[str] = field(default_factory=list)
+    """Extra ``#SBATCH`` options of the site, as ``--key=value`` (e.g. ``--constraint=h100``)."""
+    srun_args: list[str] = field(default_factory=list)
+    """Extra ``srun`` options, as ``--key=value`` (e.g. ``--cpu-bind=none``)."""
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in ("local", "slurm"):
+            raise ConfigError(f"cluster.scheduler={self.scheduler!r}: use 'local' or 'slurm'")
+        if self.nodes < 1 or self.gpus_per_node < 0 or self.tasks_per_node < 0 or self.cpus_per_node < 0:
+            raise ConfigError("cluster.nodes must be >= 1; gpus_per_node, tasks_per_node, cpus_per_node >= 0")
+        if self.gpus_per_node and self.tasks_per_node not in (0, self.gpus_per_node):
+            raise ConfigError(f"cluster.tasks_per_node={self.tasks_per_node} with cluster.gpus_per_node="
+                              f"{self.gpus_per_node}: one training process per GPU (set it to 0 or "
+                              f"{self.gpus_per_node})")
+        if self.scheduler == "local" and self.nodes != 1:
+            raise ConfigError(f"cluster.nodes={self.nodes} with cluster.scheduler=local: a local run uses this "
+                              "machine only (choose a SLURM preset, e.g. cluster=slurm_h100)")
+        for name in ("sbatch_args", "srun_args"):
+            bad = [a for a in getattr(self, name) if not a.startswith("--") or "=" not in a]
+            if bad:
+                raise ConfigError(f"cluster.{name}: write options as --key=value, got {bad}")
+
+    @property
+    def procs_per_node(self) -> int:
+        """Training processes per node (one per GPU; ``tasks_per_node`` or 1 on CPU)."""
+        return self.gpus_per_node or self.tasks_per_node or 1
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node
+
+
+@dataclass
+class LaunchConfig:
+    """How ``twotower-launch`` submits this run (``twotower-train`` ignores it). Example::
+
+        twotower-launch experiment=twotower_nano_2p1t launch.dry_run=true
+    """
+
+    dry_run: bool = False
+    """Print the job script, the plan and the resolved config; write and submit nothing."""
+    chain: int = 0
+    """0: one job that requeues itself (``--requeue``, ``scontrol requeue``) until training ends;
+    N >= 1: N segments chained with ``--dependency=afterany`` and no requeue (clusters that forbid it)."""
+    signal_seconds: int = 300
+    """SLURM sends SIGUSR1 this long before the time limit (``--signal=B:USR1@N``); one step plus one
+    checkpoint save must fit in it, or the segment is killed and loses the steps since the last save."""
+    max_failures: int = 3
+    """Stop requeuing after this many consecutive segments that end without a new checkpoint."""
+    job_name: str | None = None
+    """SLURM job name (None: ``tt-<run dir name>-<hash of its path>``). With ``--dependency=singleton``
+    at most one job of this name runs at a time, so two segments never train the same run dir."""
+    plan: bool = True
+    """Run the memory planner before submitting and refuse layouts that do not fit (GPU clusters)."""
+
+    def __post_init__(self) -> None:
+        if self.chain < 0:
+            raise ConfigError(f"launch.chain={self.chain} must be >= 0 (0: one self-requeuing job)")
+        if self.signal_seconds < 1:
+            raise ConfigError(f"launch.signal_seconds={self.signal_seconds} must be >= 1")
+        if self.max_failures < 1:
+            raise ConfigError(f"launch.max_failures={self.max_failures} must be >= 1")
 
 
 @dataclass
@@ -155,6 +245,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def __post_init__(self) -> None:
         if self.objective not in ("diffusion", "ar"):

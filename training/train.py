@@ -11,11 +11,24 @@ Examples (every key is a Hydra override, validated before any process group exis
 Keys users touch most: ``trainer.max_steps``, ``trainer.run_dir`` (metrics.jsonl, the resolved
 config, logs), ``checkpoint.dir``, ``checkpoint.interval``, ``checkpoint.resume=auto|PATH|none``,
 ``objective=diffusion|ar``, ``parallel.tp``, ``parallel.ep``, ``parallel.pp``. Under torchrun
-(or srun on SLURM) the same command runs distributed.
+(or srun on SLURM) the same command runs distributed; ``twotower-launch`` submits it as a
+self-requeuing SLURM job.
+
+Exit codes (:class:`ExitCode`; a job script decides from them whether to run again):
+
+    0  done: trainer.max_steps reached (or ``--plan`` printed a plan that fits)
+    1  crash (an uncaught exception)
+    2  configuration error, named key             rerunning fails the same way
+    3  ``--plan``: the layout does not fit         "
+    4  too many non-finite losses in a row        "
+    5  bad checkpoint / backbone / shard          "
+    6  stopped early with a checkpoint written, steps left to do: a signal (SIGTERM, SIGUSR1),
+       trainer.exit_after_steps or trainer.exit_after_minutes. Run the same command to resume.
 """
 
 from __future__ import annotations
 
+import enum
 import os
 import sys
 
@@ -29,7 +42,20 @@ quiet_third_party()  # before megatron is imported (its notices fire at import t
 from twotower.model.config import ConfigError
 from twotower.training.config import register_configs, to_train_config
 
+
+class ExitCode(enum.IntEnum):
+    """``twotower-train``'s exit status (the module docstring says what each one means)."""
+
+    DONE = 0
+    CONFIG = 2
+    PLAN = 3
+    NONFINITE = 4
+    BAD_INPUT = 5
+    STOPPED_EARLY = 6
+
+
 _PLAN = False
+_STOPPED_EARLY: list[str] = []  # one line per Hydra job that stopped early (main() exits 6 after all)
 
 
 def _slurm_to_torch_env() -> None:
@@ -55,6 +81,7 @@ def _plan(tc):
 
     t = tc.trainer
     return plan(tc.model, tc.parallel, num_gpus=tc.cluster.nodes * max(tc.cluster.gpus_per_node, 1),
+                gpu=tc.cluster.gpu, gpu_mem_gib=tc.cluster.gpu_mem_gib,
                 seq_len=t.seq_len, micro_batch=t.micro_batch_size, global_batch=t.global_batch_size,
                 block_size=tc.twotower.block_size,
                 token_budget=t.tokens_budget or t.max_steps * t.global_batch_size * t.seq_len,
@@ -72,15 +99,15 @@ def _app(cfg: DictConfig) -> float | None:
                 report = _plan(tc)
             except PlanError as err:
                 print(f"twotower-train --plan: {err}", file=sys.stderr)
-                sys.exit(3)
+                sys.exit(ExitCode.PLAN)
             print(report.table())
             if not report.fits:
-                sys.exit(3)
+                sys.exit(ExitCode.PLAN)
             return None
         tc.validate(int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as err:
         print(f"twotower-train: configuration error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(ExitCode.CONFIG)
 
     from twotower.data.shards import BadSampleError
     from twotower.model.hf_import import CheckpointKeyError
@@ -92,13 +119,16 @@ def _app(cfg: DictConfig) -> float | None:
     try:
         trainer = Trainer(tc)
         last = trainer.train()
+        if trainer.stopped_early:
+            _STOPPED_EARLY.append(f"stopped early at step {trainer.step}/{tc.trainer.max_steps} with a checkpoint "
+                                  f"in {tc.checkpoint.dir}")
     except TrainingStopped as err:
         print(f"twotower-train: stopped: {err}", file=sys.stderr)
-        sys.exit(4)
+        sys.exit(ExitCode.NONFINITE)
     except (CheckpointError, CheckpointKeyError, BadSampleError, ConfigError) as err:
         # Bad input found after start-up (a checkpoint, the backbone, a shard): name it, no traceback.
         print(f"twotower-train: {type(err).__name__}: {err}", file=sys.stderr)
-        sys.exit(5)
+        sys.exit(ExitCode.BAD_INPUT)
     finally:
         if trainer is not None:
             trainer.close()
@@ -113,7 +143,12 @@ def main() -> None:
         _PLAN = True
     _slurm_to_torch_env()
     register_configs()
-    _app()
+    _app()  # returns after every Hydra job ran (a multirun sweep is not cut short by one stop)
+    if _STOPPED_EARLY:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"twotower-train: {'; '.join(_STOPPED_EARLY)}; run the same command to resume "
+                  f"(exit {int(ExitCode.STOPPED_EARLY)})", file=sys.stderr)
+        sys.exit(ExitCode.STOPPED_EARLY)
 
 
 if __name__ == "__main__":
