@@ -55,8 +55,9 @@ class HFWeights:
     prefix, one entry per expert), with lazy slicing."""
 
     def __init__(self, shapes: dict[str, tuple[int, ...]], reader: Callable[[str, tuple], torch.Tensor],
-                 where: str):
+                 where: str, files: dict[str, str] | None = None):
         self._shapes, self._reader, self.where = shapes, reader, where
+        self._files = files or {}  # name -> the shard file holding it (for error messages)
         self.used: set[str] = set()
 
     # ---------------------------------------------------------------- constructors
@@ -83,7 +84,7 @@ class HFWeights:
             sl = handles[owner[raw]].get_slice(raw)
             return sl[index] if index else sl[:]
 
-        return cls._normalised(shapes, read, str(path))
+        return cls._normalised(shapes, read, str(path), owner)
 
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, torch.Tensor], where: str = "state dict") -> HFWeights:
@@ -91,7 +92,8 @@ class HFWeights:
         return cls._normalised(shapes, lambda raw, index: sd[raw][index] if index else sd[raw], where)
 
     @classmethod
-    def _normalised(cls, raw_shapes: dict[str, tuple], read, where: str) -> HFWeights:
+    def _normalised(cls, raw_shapes: dict[str, tuple], read, where: str,
+                    raw_files: dict[str, str] | None = None) -> HFWeights:
         shapes: dict[str, tuple] = {}
         readers: dict[str, tuple[str, int | None]] = {}
         for raw, shape in raw_shapes.items():
@@ -109,7 +111,8 @@ class HFWeights:
             raw, expert = readers[name]
             return read(raw, ((expert,) + index) if expert is not None else index)
 
-        return cls(shapes, reader, where)
+        files = {name: raw_files[raw] for name, (raw, _) in readers.items()} if raw_files else None
+        return cls(shapes, reader, where, files)
 
     @classmethod
     def from_source(cls, source: Any) -> HFWeights:
@@ -128,11 +131,16 @@ class HFWeights:
         names = {n[len(prefix):]: n for n in self._shapes if n.startswith(prefix)}
         names |= {new: old for new, old in (renames or {}).items() if old in self._shapes}
         return HFWeights({k: self._shapes[v] for k, v in names.items()},
-                         lambda name, index: self.read(names[name], *index), self.where)
+                         lambda name, index: self.read(names[name], *index), self.where,
+                         {k: self._files[v] for k, v in names.items() if v in self._files})
 
     # ---------------------------------------------------------------- access
     def names(self) -> set[str]:
         return set(self._shapes)
+
+    def located(self, name: str) -> str:
+        """``name`` plus the shard file that holds it, when known."""
+        return f"{name} (in {self._files[name]})" if name in self._files else name
 
     def shape(self, name: str) -> tuple[int, ...] | None:
         return self._shapes.get(name)
@@ -191,7 +199,7 @@ def load_hf_backbone(model, source: Any, *, ignore_prefixes: tuple[str, ...] = (
     in_range = {n for n in weights.names() if _layer_in_model(n, model)}
     unexpected = sorted(n for n in in_range - weights.used
                         if not n.startswith(ignore_prefixes) and n not in _deliberately_unused(model))
-    problems += [f"unexpected in checkpoint: {n}" for n in unexpected]
+    problems += [f"unexpected in checkpoint: {weights.located(n)}" for n in unexpected]
     if problems:
         head = f"{weights.where}: {len(problems)} problem(s) loading Hugging Face NemotronH weights"
         raise CheckpointKeyError(head + ":\n  " + "\n  ".join(problems))

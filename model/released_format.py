@@ -110,7 +110,8 @@ def load_released_twotower(model, source: Any) -> None:
         if shape is None:
             problems.append(f"missing in checkpoint: {key}")
         elif tuple(shape) != tuple(target.shape):
-            problems.append(f"shape mismatch: {key} is {tuple(shape)}, model expects {tuple(target.shape)}")
+            problems.append(f"shape mismatch: {weights.located(key)} is {tuple(shape)}, model expects "
+                            f"{tuple(target.shape)}")
         else:
             target.copy_(weights.read(key).to(target.dtype))
     towers = tuple(p for p, _ in RELEASED_TOWERS.values()) + tuple(h for _, h in RELEASED_TOWERS.values())
@@ -118,7 +119,7 @@ def load_released_twotower(model, source: Any) -> None:
     other_stage = {f"scale_shift_tables.{i}" for i in range(n_layers)} - set(targets)  # other PP stages'
     unexpected = sorted(n for n in weights.names() if not n.startswith(towers) and n not in targets
                         and n not in other_stage)
-    problems += [f"unexpected in checkpoint: {n}" for n in unexpected]
+    problems += [f"unexpected in checkpoint: {weights.located(n)}" for n in unexpected]
     if problems:
         raise CheckpointKeyError(f"{weights.where}: {len(problems)} problem(s) loading a released TwoTower "
                                  "checkpoint:\n  " + "\n  ".join(problems))

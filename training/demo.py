@@ -13,8 +13,10 @@ Stages (each is the real code path a cluster run uses, at toy scale):
    steps, stop, then resume from the distributed checkpoint to the end (as after a
    preemption);
 4. report: validation NELBO (bits/token) next to the frozen context tower's AR NLL;
-5. generate: decode prompts with the trained TwoTower in the three modes (diffusion with
-   confidence threshold 0.8, mock-AR, AR) and print tokens/s and tokens per denoiser forward.
+5. export: the trained TwoTower as a released-layout Hugging Face folder with our remote code
+   (``twotower-convert export-hf --verify``: reloaded with plain transformers and compared);
+6. generate: decode prompts with the trained TwoTower in the release's three modes (diffusion
+   with confidence threshold 0.8, mock-AR, AR) and print tokens/s and tokens per denoiser forward.
 """
 
 from __future__ import annotations
@@ -88,11 +90,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from twotower.data.synthetic import prepare_demo_data
 
-    print(f"[demo 1/5] data: synthetic corpus -> byte-tokenized webdataset shards in {out / 'data'}", flush=True)
+    print(f"[demo 1/6] data: synthetic corpus -> byte-tokenized webdataset shards in {out / 'data'}", flush=True)
     data = prepare_demo_data(out / "data", seq_len=256)
     common = [f"data.train.0.path={data}", f"data.valid_path={data}", "logging=none"]
 
-    print(f"[demo 2/5] backbone: AR pretraining of a tiny Nemotron-H for {args.ar_steps} steps", flush=True)
+    print(f"[demo 2/6] backbone: AR pretraining of a tiny Nemotron-H for {args.ar_steps} steps", flush=True)
     ar = common + ["experiment=demo_ar", f"trainer.run_dir={out / 'ar'}", f"trainer.max_steps={args.ar_steps}",
                    f"checkpoint.interval={args.ar_steps}"]
     ar_res = _run(ar)["last"]
@@ -103,12 +105,12 @@ def main(argv: list[str] | None = None) -> None:
     tt = common + ["experiment=demo", f"backbone={backbone}", f"trainer.run_dir={out / 'twotower'}",
                    f"checkpoint.interval={half}"]
     tt += [f"trainer.max_steps={args.steps}"]
-    print(f"[demo 3/5] TwoTower: train the denoiser, stop at step {half} as if preempted (checkpoint), "
+    print(f"[demo 3/6] TwoTower: train the denoiser, stop at step {half} as if preempted (checkpoint), "
           "then resume", flush=True)
     _run(tt + [f"trainer.exit_after_steps={half}", "checkpoint.resume=none"])
     res = _run(tt + ["checkpoint.resume=auto"])["last"]
 
-    print("[demo 4/5] results", flush=True)
+    print("[demo 4/6] results", flush=True)
     summary = {
         "backbone_val_ar_nll": ar_res.get("val/ar_nll"),
         "twotower_val_nelbo": res.get("val/nelbo"),
@@ -120,7 +122,17 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(summary, indent=2), flush=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
-    print("[demo 5/5] generate from the trained TwoTower (twotower-generate --run ... --mode all)", flush=True)
+    print("[demo 5/6] export the TwoTower (twotower-convert export-hf --verify)", flush=True)
+    from twotower.training.convert import main as convert
+
+    export = out / "twotower_hf"
+    if convert(["export-hf", "--checkpoint", str(out / "twotower" / "checkpoints"), "--output", str(export),
+                "--overwrite", "--verify"]) != 0:
+        raise SystemExit("[demo] the export failed (see above)")
+    print(f"           {export}: AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True) loads it; "
+          "verified against the checkpoint", flush=True)
+
+    print("[demo 6/6] generate from the trained TwoTower (twotower-generate --run ... --mode all)", flush=True)
     from twotower.model.megatron_cpu import destroy_parallel
     from twotower.training.generate import main as generate
 

@@ -213,3 +213,21 @@ def test_export_at_tp2_writes_the_same_folder(torchrun, released, imported, tmp_
     a, b = _folder_tensors(one), _folder_tensors(two)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert len(set(json.loads((two / "model.safetensors.index.json").read_text())["weight_map"].values())) > 2
+
+
+def test_unexpected_key_is_named_with_its_shard(released, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(released, bad)
+    shard = "model-00002-of-00002.safetensors"
+    tensors = load_file(str(bad / shard)) | {"t_block.9.weight": torch.zeros(2)}
+    save_file(tensors, str(bad / shard))
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    index["weight_map"]["t_block.9.weight"] = shard
+    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert convert(["import-hf", "--hf", str(bad), "--output", str(tmp_path / "o")]) == 5
+    assert f"unexpected in checkpoint: t_block.9.weight (in {shard})" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
