@@ -23,15 +23,19 @@ AUTO_MAP = {"AutoConfig": "configuration_nemotron_twotower.NemotronHTwoTowerConf
             "AutoModelForCausalLM": "modeling_nemotron_twotower.NemotronHTwoTowerForCausalLM"}
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _SPECIAL_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+_TINY = 1e-30  # a clamp at 1e-30 only touches dt + dt_bias < -69
 
 
 def export_config(backbone: BackboneConfig, dtype: str, backbone_only: bool, source_config: dict | None = None,
                   mask_token_id: int = 3, block_size: int = 16) -> dict:
     """The ``config.json`` of an export (``source_config``: the backbone's own, for special ids)."""
     cfg = backbone.to_hf_dict()
-    # (--backbone-only) transformers' own NemotronH clamps dt at time_step_min at run time: make it
-    # the clamp we trained with (our remote code, like the release, reads time_step_limit)
-    cfg["time_step_min"] = backbone.mamba_dt_min
+    # The release's remote code and ours clamp dt by time_step_limit (written by to_hf_dict when
+    # set) and use time_step_min only to initialise dt. transformers' own NemotronH (the
+    # --backbone-only export) clamps at time_step_min at run time: make that the clamp we trained
+    # with, with a tiny positive floor instead of 0 (its init divides by time_step_min).
+    cfg["time_step_min"] = max(backbone.mamba_dt_min, _TINY) if backbone_only else (
+        (source_config or {}).get("time_step_min", 0.001))
     cfg["num_hidden_layers"] = backbone.num_layers
     cfg |= {k: (source_config or {}).get(k, v) for k, v in _SPECIAL_IDS.items()}
     cfg["torch_dtype"] = DTYPE_NAMES[dtype]

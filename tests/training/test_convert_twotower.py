@@ -124,7 +124,7 @@ def test_a_trained_run_exports_and_decodes_like_its_checkpoint(tmp_path):
                   "model.mamba_head_dim=8", "model.mamba_num_groups=2", "model.mamba_state_dim=8",
                   "model.mamba_chunk_size=8", "model.ffn_hidden_size=48", "model.num_experts=4",
                   "model.moe_topk=2", "model.moe_ffn_hidden_size=16", "model.moe_shared_expert_intermediate_size=24",
-                  "model.moe_routed_scaling_factor=1.5", "model.mamba_dt_min=0.001"]
+                  "model.moe_routed_scaling_factor=1.5"]  # no dt clamp (the release's default)
     cmd = [sys.executable, "-m", "twotower.training.train", "experiment=smoke_cpu", f"backbone={hf}",
            f"trainer.run_dir={run}", "trainer.max_steps=6", "trainer.seq_len=32", "twotower.block_size=4",
            "checkpoint.interval=6", "trainer.eval_interval=0", "diffusion=release", "optim.lr=1e-2", *model_keys]
