@@ -79,16 +79,29 @@ def _has_module(name: str) -> bool:
 _BACKENDS: dict[str, Callable[..., Tensor]] = {"torch": _conv_torch, "causal_conv1d": _conv_cuda}
 
 
-def _select_backend(backend: str, x: Tensor, weight: Tensor, activation: str | None) -> Callable[..., Tensor]:
+def cuda_kernel_supports(is_cuda: bool, width: int, activation: str | None, channels: int,
+                         channel_last: bool) -> str | None:
+    """Why causal-conv1d cannot run this call (None: it can). With initial states the kernel
+    runs channel-last and needs the channel stride (= the channel count) to be a multiple of 8."""
+    if not (is_cuda and _has_module("causal_conv1d")):
+        return "needs the causal_conv1d package and CUDA tensors"
+    if not 2 <= width <= 4 or activation not in (None, "silu", "swish"):
+        return f"supports widths 2..4 and silu/None (got width {width}, {activation!r})"
+    if channel_last and channels % 8:
+        return f"with initial states needs channels % 8 == 0 (got {channels})"
+    return None
+
+
+def _select_backend(backend: str, x: Tensor, weight: Tensor, activation: str | None,
+                    channel_last: bool) -> Callable[..., Tensor]:
     """Resolve once per call; 'auto' takes the CUDA kernel only where it supports the call."""
-    fast = (x.is_cuda and _has_module("causal_conv1d") and 2 <= weight.shape[1] <= 4
-            and activation in (None, "silu", "swish"))
+    why_not = cuda_kernel_supports(x.is_cuda, weight.shape[1], activation, x.shape[1], channel_last)
     if backend == "auto":
-        backend = "causal_conv1d" if fast else "torch"
+        backend = "causal_conv1d" if why_not is None else "torch"
     if backend not in _BACKENDS:
         raise ValueError(f"unknown conv backend {backend!r}; choose from auto, {', '.join(_BACKENDS)}")
-    if backend == "causal_conv1d" and not fast:
-        raise RuntimeError("backend='causal_conv1d' needs the package, CUDA tensors, width 2..4, silu/None")
+    if backend == "causal_conv1d" and why_not is not None:
+        raise RuntimeError(f"backend='causal_conv1d' {why_not}")
     return _BACKENDS[backend]
 
 
@@ -112,7 +125,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
         raise ValueError(f"activation must be one of {list(_ACTIVATIONS)}, got {activation!r}")
     if state_every is not None and (state_every <= 0 or l % state_every):
         raise ValueError(f"sequence length {l} must be a positive multiple of state_every={state_every}")
-    impl = _select_backend(backend, x, weight, activation)
+    impl = _select_backend(backend, x, weight, activation, channel_last=initial_state is not None)
     y = impl(x, weight, bias, activation, initial_state)
 
     final = boundary = None

@@ -110,8 +110,11 @@ def context_fingerprint(tower) -> dict[str, float]:
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     # Each distinct shard is counted by exactly one rank per model replica: sum over the world and
     # divide by the number of replicas (DP size for dense params, expert-DP size for experts).
-    dense = torch.zeros(3, dtype=torch.float64)
-    expert_v = torch.zeros(3, dtype=torch.float64)
+    # The sums stay on the parameters' device (NCCL reduces device tensors) and accumulate in
+    # fp64 without a full-size fp64 copy of any parameter.
+    device = next(tower.parameters()).device
+    dense = torch.zeros(3, dtype=torch.float64, device=device)
+    expert_v = torch.zeros(3, dtype=torch.float64, device=device)
     for p in tower.parameters():
         is_expert = not getattr(p, "allreduce", True)
         if is_expert:
@@ -119,8 +122,9 @@ def context_fingerprint(tower) -> dict[str, float]:
                 continue
         elif not param_is_not_tensor_parallel_duplicate(p) and tp_rank != 0:
             continue
-        d = p.detach().double()
-        v = torch.stack([d.sum(), d.abs().sum(), d.pow(2).sum()])
+        d = p.detach()
+        v = torch.stack([d.sum(dtype=torch.float64), torch.linalg.vector_norm(d, 1, dtype=torch.float64),
+                         torch.linalg.vector_norm(d, 2, dtype=torch.float64).square()])
         if is_expert:
             expert_v += v
         else:
@@ -130,8 +134,8 @@ def context_fingerprint(tower) -> dict[str, float]:
         torch.distributed.all_reduce(expert_v)
         dense /= parallel_state.get_data_parallel_world_size()
         expert_v /= parallel_state.get_expert_data_parallel_world_size()
-    vals = dense + expert_v
-    return {"sum": float(vals[0]), "abs_sum": float(vals[1]), "sq_sum": float(vals[2])}
+    vals = (dense + expert_v).tolist()  # one host read (at save / resume, not in the step)
+    return {"sum": vals[0], "abs_sum": vals[1], "sq_sum": vals[2]}
 
 
 def twotower_sharded_state_dict(model, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:

@@ -203,10 +203,11 @@ class ValidationStats:
             self.ar_nll_sum += float(ar_nll.sum())
             self.ar_tokens += ar_nll.numel()
 
-    def all_reduce(self, group=None) -> ValidationStats:
+    def all_reduce(self, group=None, device: torch.device | str = "cpu") -> ValidationStats:
+        """Sum over ``group``; ``device`` must be the group's (the compute device under NCCL)."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             v = torch.tensor([self.nelbo_sum, self.nelbo_tokens, self.ar_nll_sum, self.ar_tokens],
-                             dtype=torch.float64)
+                             dtype=torch.float64, device=device)
             torch.distributed.all_reduce(v, group=group)
             return ValidationStats(float(v[0]), int(v[1]), float(v[2]), int(v[3]))
         return self

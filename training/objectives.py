@@ -32,9 +32,19 @@ def _unwrap(model):
     return model
 
 
-def _stats(**values) -> dict[str, torch.Tensor]:
-    return {k: torch.as_tensor(values.get(k, 0.0), dtype=torch.float64).detach().cpu().reshape(())
-            for k in STAT_KEYS}
+def _stats(device: torch.device, finite: torch.Tensor, **values) -> dict[str, torch.Tensor]:
+    """The micro-batch's sums as 0-d fp64 tensors on the compute device (no host sync: they are
+    read once per step, after the schedule, by :func:`reduce_stats`). Sums of a non-finite
+    micro-batch count as 0 and set ``nonfinite``."""
+    out = {}
+    for k in STAT_KEYS:
+        v = torch.as_tensor(values.get(k, 0.0), dtype=torch.float64, device=device).detach().reshape(())
+        out[k] = torch.where(finite, v, torch.zeros_like(v)) if k in _MASKED_IF_NONFINITE else v
+    out["nonfinite"] = (~finite).to(torch.float64)
+    return out
+
+
+_MASKED_IF_NONFINITE = ("loss_sum", "masked_ce_sum", "ar_nll_sum", "objective_sum")
 
 
 def diffusion_forward_step(data_iterator, model, *, schedule: NoiseSchedule, weighting: str,
@@ -50,12 +60,10 @@ def diffusion_forward_step(data_iterator, model, *, schedule: NoiseSchedule, wei
 def _diffusion_loss(mb: MicroBatch, schedule, weighting, block_size, ar_nll, ce: torch.Tensor):
     res = diffusion_loss(ce, mb.masked, mb.t, block_size, schedule, weighting)
     loss = res.loss
-    finite = bool(torch.isfinite(loss))
-    stats = _stats(loss_sum=res.loss_sum if finite else 0.0, tokens=res.num_tokens, masked=res.num_masked,
-                   masked_ce_sum=res.masked_ce_sum if finite else 0.0,
+    stats = _stats(loss.device, torch.isfinite(loss), loss_sum=res.loss_sum, tokens=res.num_tokens,
+                   masked=res.num_masked, masked_ce_sum=res.masked_ce_sum,
                    ar_nll_sum=ar_nll.sum() if ar_nll is not None else 0.0,
-                   ar_tokens=ar_nll.numel() if ar_nll is not None else 0, nonfinite=0.0 if finite else 1.0,
-                   objective_sum=loss if finite else 0.0, micro_batches=1)
+                   ar_tokens=ar_nll.numel() if ar_nll is not None else 0, objective_sum=loss, micro_batches=1)
     return loss, stats
 
 
@@ -74,18 +82,25 @@ def ar_forward_step(data_iterator, model):
 def _ar_loss(per_token: torch.Tensor):
     per_token = per_token[:, :-1]
     loss = per_token.mean()
-    finite = bool(torch.isfinite(loss))
-    s = per_token.sum() if finite else 0.0
-    return loss, _stats(loss_sum=s, tokens=per_token.numel(), ar_nll_sum=s, ar_tokens=per_token.numel(),
-                        nonfinite=0.0 if finite else 1.0, objective_sum=loss if finite else 0.0, micro_batches=1)
+    s = per_token.sum()
+    return loss, _stats(loss.device, torch.isfinite(loss), loss_sum=s, tokens=per_token.numel(), ar_nll_sum=s,
+                        ar_tokens=per_token.numel(), objective_sum=loss, micro_batches=1)
 
 
-def reduce_stats(per_micro: list[dict[str, torch.Tensor]], groups: list) -> dict[str, float]:
+def reduce_stats(per_micro: list[dict[str, torch.Tensor]], groups: list,
+                 device: torch.device | str | None = None) -> dict[str, float]:
     """Sum the micro-batch stats, then over the given process groups (PP: only the last stage
-    has them; DP: each rank saw different samples). Every rank returns the same totals."""
-    total = torch.zeros(len(STAT_KEYS), dtype=torch.float64)
+    has them; DP: each rank saw different samples). Every rank returns the same totals.
+
+    Everything stays on ``device`` (the compute device: NCCL reduces only device tensors) until
+    the single host read at the end, once per step. ``device`` defaults to the stats' own (the
+    current CUDA device on stages without a loss)."""
+    if device is None:
+        device = (per_micro[0]["tokens"].device if per_micro
+                  else torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
+    total = torch.zeros(len(STAT_KEYS), dtype=torch.float64, device=device)
     for d in per_micro:
-        total += torch.stack([d[k] for k in STAT_KEYS])
+        total += torch.stack([d[k] for k in STAT_KEYS]).to(device)
     if torch.distributed.is_initialized():
         for g in groups:
             if g is not None and torch.distributed.get_world_size(g) > 1:

@@ -122,3 +122,20 @@ def test_low_precision_input_computes_in_weight_dtype():
     torch.testing.assert_close(out.y, ref.bfloat16())
     y_t, _ = causal_conv1d_step(init.bfloat16(), x[..., 0].bfloat16(), w, bias)
     torch.testing.assert_close(y_t, out.y[..., 0])
+
+
+def test_kernel_selection_falls_back_on_unsupported_calls(monkeypatch):
+    """'auto' takes causal-conv1d only where it supports the call: with initial states (the
+    channel-last layout) the channel count must be a multiple of 8 (the tiny model's 260 is not)."""
+    from twotower.model import causal_conv as cc
+
+    monkeypatch.setattr(cc, "_has_module", lambda name: True)
+    assert cc.cuda_kernel_supports(True, 4, "silu", 6144, channel_last=True) is None
+    assert "channels % 8 == 0 (got 260)" in cc.cuda_kernel_supports(True, 4, "silu", 260, channel_last=True)
+    assert cc.cuda_kernel_supports(True, 4, "silu", 260, channel_last=False) is None
+    assert "width" in cc.cuda_kernel_supports(True, 5, "silu", 64, channel_last=False)
+    assert "CUDA" in cc.cuda_kernel_supports(False, 4, "silu", 64, channel_last=False)
+    x, w = torch.randn(1, 260, 8), torch.randn(260, 4)
+    assert cc._select_backend("auto", x, w, "silu", channel_last=True) is cc._conv_torch  # CPU tensors
+    with pytest.raises(RuntimeError, match="needs the causal_conv1d package and CUDA tensors"):
+        cc._select_backend("causal_conv1d", x, w, "silu", channel_last=True)
