@@ -175,12 +175,12 @@ def export_hf(args) -> Path | None:
         # the router's score-correction bias decides expert choice: kept in fp32
         writer = ShardedSafetensorsWriter(tmp, int(args.max_shard_size * 1e9), dtype,
                                           keep_dtype=("e_score_correction_bias",))
-    for name, tensor in iter_released_tensors(model, backbone_only=args.backbone_only):
-        if writer is not None:
-            writer.add(name, tensor)
-    if writer is None:
-        return None
     try:
+        for name, tensor in iter_released_tensors(model, backbone_only=args.backbone_only):
+            if writer is not None:
+                writer.add(name, tensor)
+        if writer is None:
+            return None
         writer.close()
         from twotower.model.released_export import write_export_metadata
 
@@ -190,7 +190,8 @@ def export_hf(args) -> Path | None:
 
             verify_export(tmp, model, args.backbone_only, getattr(torch, DTYPES[args.dtype]))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+        if writer is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
         raise
     _replace(tmp, out)
     return out
