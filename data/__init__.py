@@ -8,7 +8,9 @@ Stages (one module each):
 * ``tokenize``   - the ``twotower-tokenize`` CLI: documents -> packed seq_len samples -> shards + manifest
 * ``shards``     - shard writing (atomic, with offset index), manifest, sample decoding / validation
 * ``stream``     - seekable per-slot sample streams (epoch split, block shuffle, blend draws)
+* ``plan``       - what the workers read: manifests checked against the config, shard lists, the decoder
 * ``loader``     - ``TokenLoader``: torch DataLoader workers, batches, ``state_dict`` / ``load_state_dict``
+* ``workers``    - helper-process policy: workers drop others' SIGTERM / SIGUSR1 and die with their parent
 * ``config``     - ``DataConfig`` (the ``conf/data/*.yaml`` schema)
 * ``synthetic``  - a small learnable demo corpus
 

@@ -15,6 +15,7 @@ from typing import Any
 
 ON_BAD_SAMPLE = ("error", "skip")
 ON_DP_CHANGE = ("restart_epoch", "next_epoch", "error")
+ON_PATH_CHANGE = ("error", "by_position")
 
 
 @dataclass
@@ -59,6 +60,12 @@ class DataConfig:
     epoch still in progress, re-partitioned for the new layout: samples of that epoch already seen are
     seen again, none is skipped), ``next_epoch`` (warn; start the next epoch: the rest of the current
     epoch is skipped), or ``error``."""
+    on_path_change: str = "error"
+    """What resuming does when the checkpoint's loader state names other dataset paths than
+    ``train``: ``error`` (refuse, naming both; ``twotower-train`` exits 5), or ``by_position``
+    (the datasets moved: match them by their position in ``train`` and continue where the
+    checkpoint left off, provided each one's shards, as its manifest lists them with their
+    checksums, are those of the checkpoint's dataset; else refuse)."""
     prefetch_factor: int = 2
     """Batches prefetched per worker (torch DataLoader prefetch_factor)."""
 
@@ -89,6 +96,10 @@ class DataConfig:
             )
         if self.on_dp_change not in ON_DP_CHANGE:
             raise ValueError(f"DataConfig.on_dp_change={self.on_dp_change!r}; choose one of {ON_DP_CHANGE}")
+        if self.on_path_change not in ON_PATH_CHANGE:
+            raise ValueError(
+                f"DataConfig.on_path_change={self.on_path_change!r}; choose one of {ON_PATH_CHANGE}"
+            )
         if self.prefetch_factor < 1:
             raise ValueError(f"DataConfig.prefetch_factor must be >= 1, got {self.prefetch_factor}")
 

@@ -5,11 +5,13 @@ Output: a sorted list of corpus files and, per file, an iterator of ``(doc_index
 
 Formats, chosen by suffix:
 
-* ``.txt``: the whole file is one document (a corpus of many small documents is better as .jsonl).
+* ``.txt``: the whole file is one document (a corpus of many small documents is better as .jsonl);
+  an empty (or whitespace-only) file holds no document, like an empty .jsonl.
 * ``.jsonl``: one JSON object per line; the document is the ``text_key`` field. Blank lines are ignored.
 * ``.parquet``: the ``text_key`` column (read in record batches, so large files stay out of memory).
 
-Every error names the file (and line for .jsonl) so a bad record can be found and fixed.
+Text must be UTF-8. Every error names the file (and the line, for .txt and .jsonl, also for bytes
+that are not UTF-8) so a bad record can be found and fixed.
 """
 
 from __future__ import annotations
@@ -55,11 +57,15 @@ def iter_documents(path: Path, text_key: str = "text") -> Iterator[tuple[int, st
     """Yield ``(doc_index, text)`` for every document in ``path``."""
     suffix = path.suffix
     if suffix == ".txt":
-        yield 0, path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+        text = _utf8(raw, path, 0)
+        if text.strip():
+            yield 0, text
     elif suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             idx = 0
-            for lineno, line in enumerate(f, start=1):
+            for lineno, raw_line in enumerate(f, start=1):
+                line = _utf8(raw_line, path, lineno)
                 if not line.strip():
                     continue
                 try:
@@ -90,3 +96,20 @@ def iter_documents(path: Path, text_key: str = "text") -> Iterator[tuple[int, st
                 idx += 1
     else:
         raise ValueError(f"{path}: unsupported suffix {suffix!r}; expected one of {SUFFIXES}")
+
+
+def _utf8(raw: bytes, path: Path, lineno: int) -> str:
+    """``raw`` decoded as UTF-8, else a ValueError naming the file, line and column of the bad byte
+    (``lineno`` 0: ``raw`` is the whole file and the line is counted here)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if lineno == 0:
+            lineno = raw.count(b"\n", 0, exc.start) + 1
+            col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        else:
+            col = exc.start + 1
+        raise ValueError(
+            f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {col}: {exc.reason}); "
+            "convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None

@@ -20,7 +20,13 @@ first: the following batches are exactly those of an uninterrupted run.
 State (``state_dict()``) is a small JSON-serialisable dict. With ``on_bad_sample: error`` it is the
 same on every rank, so saving rank 0's copy is enough. If dp_size, num_workers or micro_batch_size
 change, slots cannot be mapped one to one; ``DataConfig.on_dp_change`` decides (default: warn and
-restart the oldest epoch in progress with the new layout; nothing is skipped, see config.py).
+restart the oldest epoch in progress with the new layout; nothing is skipped, see config.py). The
+state names its datasets by path (and a fingerprint of their shards): a dataset that moved resumes
+only with ``DataConfig.on_path_change: by_position`` and the same shards; any other mismatch raises
+:class:`DatasetError` (``twotower-train`` exits 5), as do bad manifests, shards and samples.
+
+Workers ignore SIGTERM / SIGUSR1 (the trainer decides when to stop and ends them) and are killed by
+the kernel when this process dies (data/workers.py).
 
 Throughput (tests/benchmarks/bench_loader.py, 2 CPU cores, seq_len 4096, page-cached shards): ~380M
 tokens/s in-process (num_workers=0, ~0.5x a plain np.fromfile, which writes half the bytes of the
@@ -35,8 +41,8 @@ a given dp_size; every ``iter()`` starts the pass from the beginning.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,96 +50,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from twotower.data.config import DataConfig
-from twotower.data.shards import BadSampleError, IndexedShard, ShardInfo, decode_sample, read_manifest
-from twotower.data.stream import BlendSampler, SlotStream, virtual_shards
-from twotower.data.tokenizers import check_vocab
+from twotower.data.plan import Decoder, ReadPlan
+from twotower.data.shards import DatasetError
+from twotower.data.stream import BlendSampler, SlotStream
+from twotower.data.workers import WorkerInit, stop_signals_blocked
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
-
-
-class _Decoder:
-    """Picklable decode + validate step; in skip mode it logs every bad sample with a running count."""
-
-    def __init__(self, seq_len: int, vocab_size: int | None, with_doc_ids: bool, skip: bool):
-        self.seq_len, self.vocab_size, self.with_doc_ids, self.skip = seq_len, vocab_size, with_doc_ids, skip
-        self.skipped = 0
-
-    def open_indexed(self, v) -> IndexedShard:
-        return IndexedShard(v.path, v.index, v.total, self.seq_len, self.vocab_size, self.with_doc_ids)
-
-    def many(self, shard: IndexedShard, js: list[int]) -> list[dict | None]:
-        """Samples ``js`` of an indexed shard, in order; the same results, errors and logs as one by one."""
-        fast = shard.samples(js)
-        return [s if s is not None else self((shard, j)) for s, j in zip(fast, js)]
-
-    def __call__(self, item: dict | tuple) -> dict | None:
-        try:
-            if isinstance(item, tuple):  # (IndexedShard, sample number): the memory-mapped fast path
-                return item[0].sample(item[1])
-            return decode_sample(item, self.seq_len, self.vocab_size, self.with_doc_ids)
-        except BadSampleError as exc:
-            if not self.skip:
-                raise
-            self.skipped += 1
-            log.warning("skipping bad sample #%d: %s", self.skipped, exc)
-            return None
-
-
-class _Plan:
-    """Everything a worker needs to build its streams (picklable, built once in the main process)."""
-
-    def __init__(self, cfg: DataConfig, split: str, dp_size: int, one_pass: bool = False):
-        self.cfg, self.split, self.dp_size, self.one_pass = cfg, split, dp_size, one_pass
-        self.W = max(1, cfg.num_workers)
-        paths = [d.path for d in cfg.train] if split == "train" else [cfg.valid_path]
-        self.weights = [d.weight for d in cfg.train] if split == "train" else [1.0]
-        self.names = [str(p) for p in paths]
-        manifests = [read_manifest(p) for p in paths]
-        for path, m in zip(paths, manifests):
-            if m["seq_len"] != cfg.seq_len:
-                raise ValueError(
-                    f"dataset {path}: seq_len {m['seq_len']} in manifest.json != DataConfig.seq_len "
-                    f"{cfg.seq_len}; re-tokenize or change data.seq_len"
-                )
-            check_vocab(m["vocab_size"], cfg.vocab_size, f"dataset {path} (tokenizer {m['tokenizer']})")
-            if not m["splits"].get(split, {}).get("samples"):
-                raise ValueError(f"dataset {path}: split {split!r} is empty (see its manifest.json)")
-        self.with_doc_ids = all(m.get("boundaries") for m in manifests)
-        self.shards = [
-            [
-                ShardInfo(
-                    str(Path(p) / s["name"]),
-                    s["samples"],
-                    str(Path(p) / s["index"]) if s.get("index") else None,
-                )
-                for s in m["splits"][split]["shards"]
-            ]
-            for p, m in zip(paths, manifests)
-        ]
-        self.layout_vshards(dp_size)
-
-    def layout_vshards(self, dp_size: int) -> None:
-        self.vshards = [virtual_shards(s, dp_size * self.W, n) for s, n in zip(self.shards, self.names)]
-
-    def streams(self, slot: int, base_epochs: list[int], decode) -> list[SlotStream]:
-        train = self.split == "train"
-        return [
-            SlotStream(
-                vs,
-                slot=slot,
-                n_slots=self.dp_size * self.W,
-                seed=self.cfg.seed,
-                dataset_index=i,
-                shuffle=train,
-                block=self.cfg.shuffle_buffer,
-                finite=not train or self.one_pass,
-                base_epoch=base_epochs[i],
-                decode=decode,
-                open_indexed=decode.open_indexed if decode is not None else None,
-            )
-            for i, vs in enumerate(self.vshards)
-        ]
 
 
 class _SlotDataset(IterableDataset):
@@ -141,7 +64,7 @@ class _SlotDataset(IterableDataset):
 
     def __init__(
         self,
-        plan: _Plan,
+        plan: ReadPlan,
         dp_rank: int,
         batch_size: int,
         positions: list[int],
@@ -157,7 +80,7 @@ class _SlotDataset(IterableDataset):
         logical = ((info.id if info else 0) + self.rotation) % W
         slot = self.dp_rank * W + logical
         cfg = self.plan.cfg
-        decode = _Decoder(cfg.seq_len, cfg.vocab_size, self.plan.with_doc_ids, cfg.on_bad_sample == "skip")
+        decode = Decoder(cfg.seq_len, cfg.vocab_size, self.plan.with_doc_ids, cfg.on_bad_sample == "skip")
         streams = self.plan.streams(slot, self.base_epochs, decode)
         blend = BlendSampler(self.plan.weights, cfg.seed, slot)
         pos = self.positions[logical]
@@ -244,7 +167,7 @@ class TokenLoader:
             split,
         )
         self.one_pass = one_pass  # train split only: stop after each slot's first epoch (tests, evals)
-        self.plan = _Plan(cfg, split, dp_size, one_pass)
+        self.plan = ReadPlan(cfg, split, dp_size, one_pass)
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -274,8 +197,12 @@ class TokenLoader:
             collate_fn=_identity,
             prefetch_factor=self.cfg.prefetch_factor if nw else None,
             persistent_workers=False,
+            # workers ignore the scheduler's SIGTERM/SIGUSR1 (the trainer stops, saves, and ends
+            # them) and die with this process (data/workers.py)
+            worker_init_fn=WorkerInit(os.getpid()),
         )
-        return iter(dl)
+        with stop_signals_blocked():  # no window between fork and WorkerInit
+            return iter(dl)
 
     def __iter__(self):
         if self.split == "valid" or self.one_pass:
@@ -301,11 +228,20 @@ class TokenLoader:
             # end of a finite (validation) pass: the next iter() starts the same pass again
             self._reset_state()
             raise
+        except DatasetError as exc:  # from a worker: torch wraps the message in the worker's traceback
+            self._close_workers()  # now: torch's re-raise keeps the iterator in a cycle until a gc
+            raise type(exc)(_worker_message(exc)) from None
         w = batch["_worker"]
         self.positions[w] = int(batch["_position"])
         self.batches[w] += 1
         self.next_worker = (w + 1) % self.plan.W
         return _to_torch(batch)
+
+    def _close_workers(self) -> None:
+        it, self._it = self._it, None
+        shutdown = getattr(it, "_shutdown_workers", None)  # torch's DataLoader iterator (workers)
+        if shutdown is not None:
+            shutdown()
 
     def state_dict(self) -> dict:
         return {
@@ -316,6 +252,7 @@ class TokenLoader:
             "micro_batch_size": self.batch_size,
             "seed": self.cfg.seed,
             "datasets": [[n, w] for n, w in zip(self.plan.names, self.plan.weights)],
+            "fingerprints": list(self.plan.fingerprints),
             "base_epochs": list(self.base_epochs),
             "positions": list(self.positions),
             "batches": list(self.batches),
@@ -323,22 +260,23 @@ class TokenLoader:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where ``state`` was taken (call before iterating)."""
+        """Continue exactly where ``state`` was taken (call before iterating).
+
+        A state that cannot continue this loader (another version, split, seed or blend) raises
+        :class:`DatasetError` saying which and what to change."""
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r}, expected {STATE_VERSION}")
+            raise DatasetError(f"loader state version {state.get('version')!r}, expected {STATE_VERSION}")
         if state["split"] != self.split:
-            raise ValueError(
+            raise DatasetError(
                 f"loader state is for split {state['split']!r}, this loader reads {self.split!r}"
             )
         if state["seed"] != self.cfg.seed:
-            raise ValueError(
+            raise DatasetError(
                 f"loader state seed {state['seed']} != data seed {self.cfg.seed}; keep the seed on resume"
             )
-        if [d[0] for d in state["datasets"]] != self.plan.names:
-            raise ValueError(
-                f"loader state datasets {[d[0] for d in state['datasets']]} != configured "
-                f"{self.plan.names}; a changed blend cannot resume exactly (start a new data state)"
-            )
+        saved = [d[0] for d in state["datasets"]]
+        if saved != self.plan.names:
+            self._follow_moved(saved, state.get("fingerprints"))
         self._it = None
         same = (state["dp_size"], state["num_workers"], state["micro_batch_size"]) == (
             self.dp_size,
@@ -361,9 +299,9 @@ class TokenLoader:
             f"{self.batch_size}"
         )
         if self.cfg.on_dp_change == "error":
-            raise ValueError(msg + "; set data.on_dp_change to restart_epoch or next_epoch to continue")
+            raise DatasetError(msg + "; set data.on_dp_change to restart_epoch or next_epoch to continue")
         old_W = max(1, state["num_workers"])
-        old_plan = _Plan(self.cfg, self.split, state["dp_size"])
+        old_plan = ReadPlan(self.cfg, self.split, state["dp_size"])
         old_plan.W = old_W
         old_plan.layout_vshards(state["dp_size"])
         new_base = []
@@ -393,6 +331,41 @@ class TokenLoader:
             new_base.append(target)
         self._reset_state()
         self.base_epochs = new_base
+
+    def _follow_moved(self, saved: list[str], fingerprints: list[str] | None) -> None:
+        """The saved state names other dataset paths: resume only if the datasets moved (same
+        contents, same order) and ``data.on_path_change=by_position`` says so."""
+        now = self.plan.names
+        moved = ", ".join(f"{a} -> {b}" for a, b in zip(saved, now) if a != b)
+        if len(saved) != len(now) or self.cfg.on_path_change != "by_position":
+            hint = (f"if the datasets moved ({moved}) with the same contents, set data.on_path_change=by_position; "
+                    if len(saved) == len(now) else "")
+            raise DatasetError(
+                f"the checkpoint's loader state reads datasets {saved}, data.train reads {now}: {hint}a changed "
+                "blend cannot resume exactly (point checkpoint.dir elsewhere or use checkpoint.resume=none)"
+            )
+        if fingerprints is None:
+            warnings.warn(f"data.on_path_change=by_position: {moved}; the saved state records no dataset "
+                          "fingerprints, so the contents are not compared", stacklevel=3)
+            return
+        differ = [f"{a} -> {b}" for a, b, fa, fb in zip(saved, now, fingerprints, self.plan.fingerprints) if fa != fb]
+        if differ:
+            raise DatasetError(
+                f"data.on_path_change=by_position: {', '.join(differ)}: the dataset now there has other shards "
+                "(names, sample counts or checksums in its manifest.json) than the checkpoint's; a re-tokenized "
+                "dataset cannot resume exactly (point checkpoint.dir elsewhere or use checkpoint.resume=none)"
+            )
+        log.warning("data.on_path_change=by_position: resuming the data position of moved datasets: %s", moved)
+
+
+def _worker_message(exc: Exception) -> str:
+    """The original message of an exception re-raised from a DataLoader worker (without torch's
+    'Caught X in DataLoader worker process N. Original Traceback ...' wrapper)."""
+    text = str(exc)
+    marker = f"{type(exc).__name__}: "
+    if text.startswith("Caught ") and marker in text:
+        return text[text.rindex(marker) + len(marker):].strip()
+    return text
 
 
 def _pos_of_epoch(stream: SlotStream, epoch: int) -> int:

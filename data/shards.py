@@ -32,6 +32,7 @@ import logging
 import mmap
 import os
 import tarfile
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,16 @@ FORMAT = "twotower-tokens/1"
 TOKEN_DTYPES = (np.dtype("uint32"), np.dtype("int32"))
 
 
-class BadSampleError(ValueError):
+class DatasetError(ValueError):
+    """A tokenized dataset that cannot be used (manifest, shard, index, resume state); the message
+    names the file. ``twotower-train`` exits 5 on it, like on a bad checkpoint."""
+
+
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
+    """A dataset directory, its manifest or a file the manifest lists does not exist."""
+
+
+class BadSampleError(DatasetError):
     """A shard or sample that cannot be used; the message names the shard and key."""
 
 
@@ -122,6 +132,15 @@ class AtomicShardWriter:
             self._close()
         return self.shards
 
+    def abort(self) -> None:
+        """Close an open shard without publishing it (its ``.tmp`` file stays for the caller to remove)."""
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except (OSError, ValueError):
+                pass
+            self._writer = None
+
 
 def build_index(tar_path: Path, lengths: list[int]) -> dict[str, np.ndarray]:
     """Offsets of every sample's ``tokens.npy`` (and ``doc_ids.npy``) data inside a tar, from its headers."""
@@ -159,21 +178,38 @@ def write_manifest(out_dir: Path, manifest: dict) -> Path:
 
 
 def read_manifest(data_dir: str | Path) -> dict:
-    """Load and sanity-check ``manifest.json`` of a tokenized dataset directory."""
+    """Load and sanity-check ``manifest.json`` of a tokenized dataset directory.
+
+    Raises :class:`DatasetNotFoundError` (no manifest, a listed shard or index missing) or
+    :class:`DatasetError` (not JSON, another format, fields missing), naming the file."""
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: no manifest; {data_dir} is not a tokenized dataset (create it with twotower-tokenize)"
+        what = "does not exist" if not Path(data_dir).exists() else "holds no manifest.json"
+        raise DatasetNotFoundError(
+            f"{path}: no manifest; {data_dir} {what}, so it is not a tokenized dataset "
+            "(create it with twotower-tokenize)"
         )
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        where = f" (line {exc.lineno} column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise DatasetError(
+            f"{path}: not valid JSON{where}: {exc}; re-create the dataset with twotower-tokenize"
+        ) from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise DatasetError(f"{path}: format {found!r}, expected {FORMAT!r}")
+    missing = [k for k in ("seq_len", "splits") if k not in manifest]
+    if missing:
+        raise DatasetError(f"{path}: missing field(s) {missing}; re-create the dataset with twotower-tokenize")
     for split, info in manifest["splits"].items():
         for shard in info["shards"]:
-            if not (Path(data_dir) / shard["name"]).is_file():
-                raise FileNotFoundError(
-                    f"{path}: split {split!r} lists shard {shard['name']} which is missing"
-                )
+            for key in ("name", "index"):
+                if shard.get(key) and not (Path(data_dir) / shard[key]).is_file():
+                    raise DatasetNotFoundError(
+                        f"{path}: split {split!r} lists {'shard' if key == 'name' else 'shard index'} "
+                        f"{shard[key]} which is missing from {data_dir}; re-create the dataset"
+                    )
     return manifest
 
 
@@ -260,8 +296,11 @@ class IndexedShard:
             with np.load(index, allow_pickle=False) as z:
                 self.keys, self.tok, self.doc, self.length = z["keys"], z["tokens"], z["doc_ids"], z["length"]
                 tar_bytes = int(z["tar_bytes"])
-        except (OSError, ValueError, KeyError) as exc:
-            raise BadSampleError(f"shard {path}: unreadable index {index} ({exc})") from exc
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise BadSampleError(
+                f"shard {path}: unreadable index {index} ({type(exc).__name__}: {exc}); it was truncated "
+                "or modified after tokenization: re-create the dataset"
+            ) from exc
         size = os.path.getsize(path)
         if size != tar_bytes:
             raise BadSampleError(

@@ -13,6 +13,11 @@ padding) for document-aware loss masking.
 Train/validation split: ``--val-input`` sends whole files to validation; ``--val-ratio R`` sends a
 document to validation when a hash of (file name, document index) falls below R, which is stable
 across runs and machines.
+
+Replacing a dataset (``--overwrite``) is safe: the new shards are written into a staging folder
+inside ``--output`` and moved into place only once the whole corpus is tokenized; a failure (a bad
+input line, an interrupted run) leaves the previous dataset as it was. Exit status 2 on bad input,
+with the file (and line) named.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import hashlib
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -187,9 +194,34 @@ def tokenize_corpus(
     if (out / MANIFEST).exists() and not overwrite:
         raise FileExistsError(f"{out / MANIFEST} exists; pass --overwrite to replace this dataset")
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("*.tar"), *out.glob("*.idx.npz"), *out.glob(".*.tmp")]:
-        stale.unlink()  # only reached for a fresh dir or with --overwrite
+    stage = Path(tempfile.mkdtemp(prefix=".tokenize-", dir=out))  # same file system: renames are atomic
+    try:
+        manifest = _tokenize_into(stage, out, inputs, tokenizer, seq_len, text_key, val_ratio, val_inputs, workers,
+                                  samples_per_shard, store_boundaries, model_vocab_size, progress_every)
+        _commit(stage, out, manifest)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return manifest
 
+
+def _commit(stage: Path, out: Path, manifest: dict) -> None:
+    """Replace the dataset in ``out`` by the complete one in ``stage``: the old manifest goes first (a
+    reader then finds no dataset rather than a mixed one), the new shards move in, the new manifest
+    is written, and only then are the old dataset's leftover shards deleted."""
+    (out / MANIFEST).unlink(missing_ok=True)
+    for f in stage.iterdir():
+        os.replace(f, out / f.name)
+    write_manifest(out, manifest)
+    keep = {s[k] for info in manifest["splits"].values() for s in info["shards"] for k in ("name", "index")
+            if s.get(k)}
+    for stale in [*out.glob("*.tar"), *out.glob("*.idx.npz"), *out.glob(".*.tmp")]:
+        if stale.name not in keep:
+            stale.unlink()
+
+
+def _tokenize_into(out: Path, dest: Path, inputs, tokenizer, seq_len, text_key, val_ratio, val_inputs, workers,
+                   samples_per_shard, store_boundaries, model_vocab_size, progress_every) -> dict:
+    """Tokenize into the (empty, staging) folder ``out`` for ``dest``; returns the manifest (not yet written)."""
     tok = load_tokenizer(tokenizer)
     check_vocab(tok.vocab_size, model_vocab_size, f"tokenizer {tok.name}")
     val_files = set(expand_inputs(val_inputs)) if val_inputs else set()
@@ -233,10 +265,14 @@ def tokenize_corpus(
                     file=sys.stderr,
                     flush=True,
                 )
+        splits = {name: p.finish() for name, p in packers.items()}
+    except BaseException:
+        for p in packers.values():
+            p.writer.abort()
+        raise
     finally:
         if pool is not None:
             pool.terminate()
-    splits = {name: p.finish() for name, p in packers.items()}
     if splits["train"]["samples"] == 0:
         raise ValueError(
             f"inputs {inputs}: no training documents (all went to validation or the corpus is empty)"
@@ -255,12 +291,11 @@ def tokenize_corpus(
         "inputs": [str(f) for f in files],
         "splits": splits,
     }
-    write_manifest(out, manifest)
     dt = time.monotonic() - t0
     print(
         f"[tokenize] done: {n_docs} docs, {n_tokens} tokens in {dt:.1f}s ({n_tokens / max(dt, 1e-9):,.0f} tokens/s); "
         f"train {splits['train']['samples']} samples / {len(splits['train']['shards'])} shards, "
-        f"valid {splits['valid']['samples']} samples -> {out}",
+        f"valid {splits['valid']['samples']} samples -> {dest}",
         file=sys.stderr,
         flush=True,
     )

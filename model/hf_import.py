@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from megatron.core import parallel_state
 
-from twotower.model.config import BackboneConfig
+from twotower.model.config import BackboneConfig, ConfigError
 
 _FUSED = re.compile(r"^layers\.(\d+)\.mixer\.experts\.(up_proj|down_proj)(\.weight)?$")
 
@@ -48,6 +48,62 @@ class CheckpointKeyError(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; show it as written
         return str(self.args[0])
+
+
+def safetensors_files(path: Path) -> list[str]:
+    """The safetensors files of a HF folder (its index's shards, or ``model.safetensors``)."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointKeyError(f"{path}: {index.name} is not a safetensors index (a JSON object with a "
+                                     f"weight_map): {type(e).__name__}: {e}") from e
+    if (path / "model.safetensors").exists():
+        return ["model.safetensors"]
+    found = sorted(p.name for p in path.glob("*.safetensors")) if path.is_dir() else []
+    raise CheckpointKeyError(f"{path}: no model.safetensors or model.safetensors.index.json"
+                             + (f" (found {', '.join(found)} without an index)" if found else ""))
+
+
+def _open_safetensors(path: Path, name: str):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path / name), framework="pt")
+    except FileNotFoundError as e:
+        raise CheckpointKeyError(f"{path}: {name} is missing (listed in model.safetensors.index.json)") from e
+    except Exception as e:  # safetensors' SafetensorError: a truncated or damaged header
+        raise CheckpointKeyError(f"{path}: {name} is not a readable safetensors file (truncated or damaged? "
+                                 f"{type(e).__name__}: {e})") from e
+
+
+def check_backbone_folder(path: str | Path, model: BackboneConfig) -> None:
+    """Cheap checks before anything is built (``twotower-train backbone=``): ``config.json`` (a NemotronH
+    or released TwoTower config whose shapes are ``model``'s) and the safetensors headers. Raises
+    :class:`CheckpointKeyError` naming the folder and the file or fields at fault."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointKeyError(f"backbone {path}: no such folder (expected a Hugging Face NemotronH checkpoint)")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointKeyError(f"{path}: no config.json (expected a Hugging Face NemotronH or TwoTower folder)")
+    try:
+        hf = json.loads(cfg_file.read_text())
+    except ValueError as e:  # also UnicodeDecodeError
+        raise CheckpointKeyError(f"{cfg_file}: not valid JSON ({e})") from e
+    hf = hf if isinstance(hf, dict) else {"model_type": f"<a JSON {type(hf).__name__}>"}
+    if hf.get("model_type") != "nemotron_h":
+        raise CheckpointKeyError(f"{path}: model_type={hf.get('model_type')!r}, architectures="
+                                 f"{hf.get('architectures')}; expected a NemotronHForCausalLM backbone or a "
+                                 "NemotronHTwoTowerForCausalLM (released TwoTower)")
+    try:
+        theirs = BackboneConfig.from_hf(hf)
+    except ConfigError as e:
+        raise CheckpointKeyError(f"{path}: {e}") from e
+    _check_same_shape(model, theirs, str(path))
+    for f in safetensors_files(path):
+        _open_safetensors(path, f)
 
 
 class HFWeights:
@@ -63,19 +119,12 @@ class HFWeights:
     # ---------------------------------------------------------------- constructors
     @classmethod
     def from_dir(cls, path: str | Path) -> HFWeights:
-        from safetensors import safe_open
-
+        """A checkpoint folder, read lazily; a missing, truncated or unreadable safetensors file or
+        index raises :class:`CheckpointKeyError` naming the folder and the file."""
         path = Path(path)
-        index = path / "model.safetensors.index.json"
-        if index.exists():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        elif (path / "model.safetensors").exists():
-            files = ["model.safetensors"]
-        else:
-            raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
         handles, shapes, owner = {}, {}, {}
-        for f in files:
-            h = handles[f] = safe_open(str(path / f), framework="pt")
+        for f in safetensors_files(path):
+            h = handles[f] = _open_safetensors(path, f)
             for raw in h.keys():  # noqa: SIM118 (safetensors handles are not dicts)
                 owner[raw] = f
                 shapes[raw] = tuple(h.get_slice(raw).get_shape())
@@ -164,7 +213,10 @@ def load_hf_backbone(model, source: Any, *, ignore_prefixes: tuple[str, ...] = (
     if isinstance(source, HFWeights):  # already selected (e.g. one tower of a released checkpoint)
         weights = source
     elif isinstance(source, (str, Path)):
-        check = BackboneConfig.from_hf(source)
+        try:
+            check = BackboneConfig.from_hf(source)
+        except ConfigError as e:  # not a NemotronH folder: name the folder
+            raise CheckpointKeyError(f"{source}: {e}") from e
         _check_same_shape(model.backbone, check, str(source))
         weights = HFWeights.from_dir(source)
     else:
@@ -353,4 +405,6 @@ def _check_same_shape(ours: BackboneConfig, theirs: BackboneConfig, where: str) 
     diff = [f"{f}: model {getattr(ours, f)!r} vs checkpoint {getattr(theirs, f)!r}"
             for f in fields if getattr(ours, f) != getattr(theirs, f) and (f != "ffn_hidden_size" or "-" in ours.pattern)]
     if diff:
-        raise ValueError(f"{where}: the checkpoint's config differs from the model's:\n  " + "\n  ".join(diff))
+        raise CheckpointKeyError(f"{where}: the checkpoint's config (config.json) differs from the model's; "
+                                 "choose the matching model config (model=...) or another backbone:\n  "
+                                 + "\n  ".join(diff))

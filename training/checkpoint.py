@@ -11,7 +11,13 @@ Layout on disk::
         scheduler.pt               scheduler.state_dict() (rank 0, torch.save)
         extra.json                 {"step": N, "extra": <caller's JSON-able dict>, "world_size": W}
         rng/rank_{r:05d}.pt        per-rank python / numpy / torch / megatron RNG tracker states
+        manifest.json              size + CRC-32 of every file above, from every rank (checkpoint_integrity.py)
         COMPLETE                   written last (rank 0) before the rename
+    {dir}/step_{N:08d}.broken/     a damaged checkpoint that ``resume=auto`` moved aside (never deleted)
+    {dir}/superseded-{time}/       the checkpoints a ``resume=none`` run found here (kept, never resumed)
+
+Recovery (:meth:`Checkpointer.load`, :meth:`Checkpointer.save`): files are checked against the
+manifest before any tensor is read; a failed save removes its ``.tmp`` folder and names the cause.
 
 Model keys come from ``model/sharding.py``: TP/EP/PP-independent (global layer indices, Mamba fused
 tensors split into components), so a checkpoint saved at one layout resumes at another (model
@@ -34,8 +40,15 @@ from pathlib import Path
 
 import torch
 
+from twotower.training import checkpoint_integrity as integrity
+from twotower.training.checkpoint_integrity import (  # also the errors' public home
+    COMPLETE,
+    CheckpointError,
+    CorruptCheckpointError,
+    check_complete,
+)
+
 STEP_RE = re.compile(r"^step_(\d{8})$")
-COMPLETE = "COMPLETE"
 
 
 @dataclass
@@ -45,8 +58,9 @@ class CheckpointConfig:
     interval: int = 100
     """Save every this many optimizer steps (the trainer's business; 0 = never)."""
     resume: str = "auto"
-    """``auto``: newest complete checkpoint under ``dir`` if any, else fresh; ``none``: always fresh;
-    any other value: that checkpoint folder (error if missing or incomplete)."""
+    """``auto``: newest intact checkpoint under ``dir`` if any (a damaged newer one is moved aside),
+    else fresh; ``none``: fresh, the checkpoints already in ``dir`` are moved to ``dir/superseded-*``;
+    any other value: that checkpoint folder (error if missing, incomplete or damaged)."""
     init_from: str | None = None
     """Weights only (denoiser + time conditioning) from this complete checkpoint when the run
     starts fresh (nothing to resume): fresh optimizer and LR schedule, step 0. How a phase of a
@@ -60,8 +74,8 @@ class CheckpointConfig:
     """Reserved: only synchronous saves are implemented (True raises)."""
 
 
-class CheckpointError(RuntimeError):
-    pass
+#: Optimizer param-group settings that come from this run's config, not from the checkpoint.
+_GROUP_CONFIG_KEYS = ("max_lr", "min_lr", "betas", "eps", "wd_mult", "lr_mult")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -133,19 +147,6 @@ def _set_rng_state(state: dict) -> None:
         get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def check_complete(path: str | Path) -> Path:
-    """``path`` if it is a complete checkpoint, else a ``CheckpointError`` naming it and what is missing."""
-    p = Path(path)
-    if not p.is_dir():
-        raise CheckpointError(f"checkpoint {p} does not exist (or is not a folder)")
-    for name, what in ((COMPLETE, "the COMPLETE marker: a save was interrupted"),
-                       ("metadata.json", "dist_checkpointing's metadata.json"),
-                       (".metadata", "the torch_dist .metadata file"), ("extra.json", "extra.json")):
-        if not (p / name).exists():
-            raise CheckpointError(f"checkpoint {p} is incomplete: missing {what}")
-    return p
-
-
 def find_checkpoint(path: str | Path) -> Path:
     """A complete checkpoint folder: ``path`` itself, or the newest complete one under it."""
     p = Path(path)
@@ -155,6 +156,21 @@ def find_checkpoint(path: str | Path) -> Path:
             raise CheckpointError(f"{p}: no complete checkpoint (a step_*/ folder with a {COMPLETE} marker) in it")
         p = latest
     return check_complete(p)
+
+
+def _on_rank0(what: str, fn):
+    """Collective: ``fn()`` on global rank 0 only; every rank returns its result, or raises the same
+    CheckpointError when it failed (so that no rank is left waiting in a collective)."""
+    out = err = None
+    if _rank() == 0:
+        try:
+            out = fn()
+        except OSError as e:
+            err = f"{what}: {integrity.describe(e)[0]}"
+    out, err = integrity.all_gather((out, err))[0]
+    if err:
+        raise CheckpointError(err)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ API
@@ -188,46 +204,70 @@ class Checkpointer:
 
     # -------------------------------------------------------------------- save
     def save(self, step: int, model, optimizer, scheduler, extra: dict) -> Path:
-        """Collective: every rank calls it. Returns the final checkpoint folder."""
+        """Collective: every rank calls it. Returns the final checkpoint folder. When writing fails on
+        any rank (disk full, read-only directory) every rank raises the same CheckpointError naming
+        the directory and the cause, the ``.tmp`` folder is removed and the older checkpoints stay."""
         from megatron.core import dist_checkpointing
 
         final, tmp = self.path_for(step), self.root / f"step_{step:08d}.tmp"
         json.dumps(extra)  # fail early (before any I/O) on a non-JSON-able extra
-        if _rank() == 0:
-            if tmp.exists():
-                shutil.rmtree(tmp)  # a previous, interrupted save of the same step
-            tmp.mkdir(parents=True)
-        _barrier()
+        rank, failure = _rank(), None
+        if rank == 0:
+            try:
+                if tmp.exists():
+                    shutil.rmtree(tmp)  # a previous, interrupted save of the same step
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                failure = integrity.describe(e)
+        self._raise_if_failed(step, tmp, integrity.all_gather(failure))
         model_sd = model_sharded_state_dict(model)
         state = {"model": model_sd}
         if optimizer is not None:
             state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=self._meta())
-        dist_checkpointing.save(state, str(tmp))
-        (tmp / "rng").mkdir(exist_ok=True)
-        torch.save(_rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
-        if _rank() == 0:
-            if scheduler is not None:
-                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            (tmp / "extra.json").write_text(json.dumps({"step": step, "world_size": _world(), "extra": extra},
-                                                       indent=1))
-        _barrier()  # every rank has written its shards and RNG file
-        if _rank() == 0:
-            (tmp / COMPLETE).write_text(f"{step}\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            self._prune()
-        _barrier()
+        entries: dict = {}
+        try:
+            dist_checkpointing.save(state, str(tmp))
+            (tmp / "rng").mkdir(exist_ok=True)
+            torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+            if rank == 0:
+                if scheduler is not None:
+                    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+                (tmp / "extra.json").write_text(json.dumps({"step": step, "world_size": _world(), "extra": extra},
+                                                           indent=1))
+            entries = integrity.own_entries(tmp, rank)
+        except integrity.IO_ERRORS as e:
+            failure = integrity.describe(e)
+        gathered = integrity.all_gather((failure, entries))  # every rank has written (or failed) its files
+        self._raise_if_failed(step, tmp, [f for f, _ in gathered])
+        if rank == 0:
+            try:  # the manifest before the COMPLETE marker: a complete checkpoint always has one
+                integrity.write(tmp, integrity.complete_manifest(tmp, [e for _, e in gathered]))
+                (tmp / COMPLETE).write_text(f"{step}\n")
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                self._prune(keep=final)
+            except OSError as e:
+                failure = integrity.describe(e)
+        self._raise_if_failed(step, tmp, integrity.all_gather(failure))
         return final
 
-    def _prune(self) -> None:
+    def _raise_if_failed(self, step: int, tmp: Path, failures: list) -> None:
+        """Collective, like every caller: raise the same CheckpointError on every rank if any failed."""
+        failures = [f for f in failures if f]
+        if failures:
+            message = integrity.save_failure(self.root, tmp, step, failures, self.latest()) if _rank() == 0 else None
+            raise CheckpointError(integrity.all_gather(message)[0])
+
+    def _prune(self, keep: Path) -> None:
         if self.cfg.keep_last > 0:
             for p in self.complete()[: -self.cfg.keep_last]:
-                shutil.rmtree(p, ignore_errors=True)
+                if p != keep:
+                    shutil.rmtree(p, ignore_errors=True)
 
     # -------------------------------------------------------------------- load
     def resolve(self) -> Path | None:
-        """The checkpoint :meth:`load` would read (``None``: start fresh), per ``cfg.resume``."""
+        """The checkpoint :meth:`load` would read first (``None``: start fresh), per ``cfg.resume``."""
         r = str(self.cfg.resume)
         if r == "none":
             return None
@@ -244,20 +284,72 @@ class Checkpointer:
         return json.loads((path / "extra.json").read_text())["extra"]
 
     def load(self, model, optimizer, scheduler, check=None) -> dict | None:
-        """Collective. Loads model (+ optimizer, scheduler, this rank's RNG) from :meth:`resolve`;
+        """Collective. Loads model (+ optimizer, scheduler, this rank's RNG) per ``cfg.resume``;
         returns the saved ``extra`` dict, or ``None`` when starting fresh.
+
+        ``auto``: the newest complete checkpoint; a damaged one (its files do not match its
+        manifest, or a small file does not parse) is named, moved aside to ``step_N.broken`` and
+        the previous one is tried. ``none``: start fresh; checkpoints already in ``dir`` are moved
+        to ``dir/superseded-<time>/`` (so that this run's are neither pruned in their favour nor
+        mixed with them on resume). ``PATH``: that checkpoint; damaged -> CorruptCheckpointError.
 
         ``check(path, extra)``, if given, runs before any tensor is read (e.g. to compare the
         saved config with this run's and raise a readable CheckpointError)."""
-        path = self.resolve()
-        if path is None:
+        r = str(self.cfg.resume)
+        if r == "none":
+            self._set_aside_previous()
             return None
-        return self._load(path, model, optimizer, scheduler, check, restore_rng=True)
+        if r != "auto":
+            return self._load(check_complete(r), model, optimizer, scheduler, check, restore_rng=True)
+        moved = []
+        while (path := self.latest()) is not None:
+            try:
+                extra = self._load(path, model, optimizer, scheduler, check, restore_rng=True)
+            except CorruptCheckpointError as err:
+                moved.append(self._move_aside(err))
+                continue
+            if moved and _rank() == 0:
+                print(f"[twotower] resumed from {path} (the newest intact checkpoint)", flush=True)
+            return extra
+        if moved:
+            raise CheckpointError(f"no intact checkpoint left in {self.root}: the damaged ones were moved aside "
+                                  f"({', '.join(str(p) for p in moved)}). Relaunch to start fresh, or pass "
+                                  "checkpoint.resume=PATH")
+        return None
+
+    def _move_aside(self, err: CorruptCheckpointError) -> Path:
+        def move() -> Path:
+            target = integrity.move_aside(err.path)
+            print(f"[twotower] {err}; moved it aside to {target} (kept, not deleted) and falling back to the "
+                  "previous complete checkpoint", flush=True)
+            return target
+        return _on_rank0(f"{err}; moving it aside failed", move)
+
+    def _set_aside_previous(self) -> None:
+        def move() -> None:
+            moved = integrity.set_aside_all(self.root)
+            if moved:
+                dest, names = moved
+                print(f"[twotower] checkpoint.resume=none: starting fresh; the {len(names)} checkpoint folder(s) "
+                      f"already in {self.root} ({names[0]} .. {names[-1]}) were moved to {dest} (kept; never "
+                      "resumed or pruned)", flush=True)
+        if self.root.is_dir():
+            _on_rank0(f"checkpoint.resume=none: could not move the checkpoints in {self.root} aside", move)
 
     def load_weights(self, model, path: str | Path) -> dict:
         """Collective. Only the model's weights from the checkpoint ``path`` (or the newest under
         it: ``init_from``); returns its saved ``extra`` dict."""
         return self._load(find_checkpoint(path), model, None, None, None, restore_rng=False)
+
+    def _read_verified(self, path: Path, scheduler: bool, rng: bool, checksums: bool) -> dict:
+        """Collective: every rank checks its share of the files and reads its small files; every
+        rank raises the same CorruptCheckpointError when any rank found a problem."""
+        out, problems = integrity.read_small_files(path, _rank(), _world(), scheduler=scheduler, rng=rng,
+                                                   checksums=checksums)
+        found = sorted({tuple(p) for part in integrity.all_gather(problems) for p in part})
+        if found:
+            raise CorruptCheckpointError(path, found)
+        return out
 
     def _load(self, path: Path, model, optimizer, scheduler, check, restore_rng: bool) -> dict:
         from megatron.core import dist_checkpointing
@@ -265,8 +357,9 @@ class Checkpointer:
         from twotower.model.sharding import context_fingerprint, copy_loaded, sharded_tensor_targets
 
         check_complete(path)
+        small = self._read_verified(path, scheduler is not None, restore_rng, checksums=optimizer is not None)
         if check is not None:
-            check(path, json.loads((path / "extra.json").read_text())["extra"])
+            check(path, small["extra.json"]["extra"])
         model_sd = model_sharded_state_dict(model)
         targets = sharded_tensor_targets(model_sd)
         state = {"model": model_sd}
@@ -274,12 +367,12 @@ class Checkpointer:
             state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=self._meta())
         try:
             loaded = dist_checkpointing.load(state, str(path))
-        except Exception as e:  # megatron's CheckpointingException, torch's CheckpointException
+        except integrity.IO_ERRORS as e:  # megatron's CheckpointingException, torch's CheckpointException
             if isinstance(e, CheckpointError):
                 raise
             lines = [ln.strip() for ln in str(e).splitlines() if "mismatch" in ln or "missing" in ln.lower()]
-            raise CheckpointError(f"checkpoint {path} does not fit this model/layout: "
-                                  f"{lines[0] if lines else str(e).splitlines()[-1]}") from e
+            raise CheckpointError(f"checkpoint {path} does not fit this model/layout or could not be read: "
+                                  f"{lines[0] if lines else integrity.describe(e)[0]}") from e
         copy_loaded(targets, loaded["model"])
         for c in _chunks(model):
             if hasattr(c, "context_tower") and "context_fingerprint" in loaded["model"]:
@@ -289,12 +382,15 @@ class Checkpointer:
                                           f"the checkpoint was trained with (fingerprint {now} != {saved}); "
                                           "load the same backbone before resuming")
         if optimizer is not None:
+            # the saved param groups carry the LR, min LR, betas... of the run that saved them: this
+            # run's configuration applies from the saved step on (README), so put its values back
+            configured = [{k: g[k] for k in _GROUP_CONFIG_KEYS if k in g} for g in optimizer.param_groups]
             optimizer.load_state_dict(loaded["optimizer"])
-        if scheduler is not None and (path / "scheduler.pt").exists():
-            scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        meta = json.loads((path / "extra.json").read_text())
-        rng = path / "rng" / f"rank_{_rank():05d}.pt"
-        if restore_rng and meta.get("world_size") == _world() and rng.exists():
-            _set_rng_state(torch.load(rng, weights_only=False))
+            for group, values in zip(optimizer.param_groups, configured):
+                group.update(values)
+        if scheduler is not None and small.get("scheduler.pt") is not None:
+            scheduler.load_state_dict(small["scheduler.pt"])
+        if small["rng"] is not None:
+            _set_rng_state(small["rng"])
         _barrier()
-        return meta["extra"]
+        return small["extra.json"]["extra"]

@@ -4,22 +4,26 @@ Stage: before anything else. Input: the Hydra-composed config (``conf/config.yam
 groups ``model/ parallel/ data/ diffusion/ optim/ trainer/ logging/ cluster/ experiment/``
 and command-line overrides; the ``launch.*`` keys are read by ``twotower-launch`` only).
 Output: a validated ``TrainConfig`` of dataclasses. Types are
-checked by OmegaConf against this schema (unknown keys are rejected), ranges and
-cross-field rules by the ``__post_init__`` methods and ``TrainConfig.validate(world_size)``,
-all before a process group or a weight exists. Every error names the key.
+checked by OmegaConf against this schema (unknown keys are rejected, also those added with a
+leading ``+``: training/config_keys.py), ranges and cross-field rules by the ``__post_init__``
+methods and ``TrainConfig.validate(world_size)``, all before a process group or a weight exists.
+Every error names the key.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from twotower.data.config import DataConfig
 from twotower.model.config import BackboneConfig, ConfigError, ParallelConfig
 from twotower.model.two_tower import TwoTowerConfig
 from twotower.training.checkpoint import CheckpointConfig
+from twotower.training.config_keys import composition_error_message, unknown_keys
 from twotower.training.diffusion import DiffusionConfig
 
 
@@ -103,6 +107,15 @@ class OptimConfig:
             raise ConfigError("optim.wsd_decay_fraction must be in (0, 1]")
         if self.schedule not in ("cosine", "wsd", "constant"):
             raise ConfigError(f"optim.schedule={self.schedule!r}: use 'cosine', 'wsd' or 'constant'")
+        for name in ("lr", "min_lr", "weight_decay", "eps", "clip_grad"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"optim.{name}={getattr(self, name)} must be a finite number")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay={self.weight_decay} must be >= 0 (0: no weight decay)")
+        if self.eps <= 0:
+            raise ConfigError(f"optim.eps={self.eps} must be > 0")
+        if self.clip_grad < 0:
+            raise ConfigError(f"optim.clip_grad={self.clip_grad} must be >= 0 (0: no clipping)")
 
 
 @dataclass
@@ -250,6 +263,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.objective not in ("diffusion", "ar"):
             raise ConfigError(f"objective={self.objective!r}: use 'diffusion' or 'ar'")
+        _check_checkpoint(self.checkpoint)
+        if self.data is not None and self.data.vocab_size is None and isinstance(self.model, BackboneConfig):
+            # every sample is then checked against the model's vocabulary, also when the dataset's
+            # manifest records none: an id past the embedding table is named with its shard and key
+            self.data.vocab_size = self.model.vocab_size
 
     def validate(self, world_size: int) -> BatchPlan:
         """Cross-group rules; returns the derived batch arithmetic."""
@@ -273,6 +291,23 @@ class TrainConfig:
             raise ConfigError(f"data.vocab_size={self.data.vocab_size} differs from model.vocab_size="
                               f"{self.model.vocab_size}")
         return BatchPlan.derive(self.trainer.global_batch_size, self.trainer.micro_batch_size, dp)
+
+
+def _check_checkpoint(c: CheckpointConfig) -> None:
+    """``checkpoint.*`` ranges (CheckpointConfig lives with the checkpointer, in checkpoint.py)."""
+    if c.interval < 0:
+        raise ConfigError(f"checkpoint.interval={c.interval} must be >= 0 (0: only when stopped early)")
+    if c.keep_last < 0:
+        raise ConfigError(f"checkpoint.keep_last={c.keep_last} must be >= 0 (0: keep every checkpoint)")
+    if not str(c.dir).strip():
+        raise ConfigError("checkpoint.dir is empty")
+    if not str(c.resume).strip():
+        raise ConfigError("checkpoint.resume is empty: use auto, none or a checkpoint folder")
+    if c.optimizer_sharding not in ("fully_reshardable", "dp_reshardable"):
+        raise ConfigError(f"checkpoint.optimizer_sharding={c.optimizer_sharding!r}: use 'fully_reshardable' or "
+                          "'dp_reshardable'")
+    if c.async_save:
+        raise ConfigError("checkpoint.async_save=true: only synchronous saves are implemented")
 
 
 @dataclass(frozen=True)
@@ -304,11 +339,20 @@ def register_configs() -> None:
 
 def to_train_config(cfg: Any) -> TrainConfig:
     """A Hydra/OmegaConf node (or dict) -> validated ``TrainConfig`` (runs every ``__post_init__``)."""
-    if not OmegaConf.is_config(cfg):
-        cfg = OmegaConf.create(cfg)
-    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+    try:
+        if not OmegaConf.is_config(cfg):
+            cfg = OmegaConf.create(cfg)
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+    except OmegaConfBaseException as err:  # a wrong type, an unknown key in a plain dict
+        raise ConfigError(composition_error_message(err)) from err
+    unknown = unknown_keys(merged)
+    if unknown:
+        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {'; '.join(unknown)}: keys are checked "
+                          "against the schema in twotower.training.config (a leading '+' does not add a field)")
     try:
         obj = OmegaConf.to_object(merged)
-    except (ValueError, TypeError) as err:  # OmegaConf wraps __post_init__ errors; keep the message
+    except OmegaConfBaseException as err:  # e.g. an interpolation to a key that does not exist
+        raise ConfigError(composition_error_message(err)) from err
+    except (ValueError, TypeError) as err:  # __post_init__ errors (ConfigError and DataConfig's ValueError)
         raise ConfigError(str(err).split("\n")[0]) from err
     return obj

@@ -11,13 +11,16 @@ checkpoints), a checkpoint (or a folder of them), or an exported / released-form
 data's manifest, or the folder's tokenizer files) or token ids (``--input-ids``, for models
 without a tokenizer). Per mode it prints the text, or with ``--stats`` one JSON line with
 ``tokens``, ``nfe``, ``tokens_per_nfe``, ``seconds``, ``tokens_per_s`` (and ``ids`` with
-``--output-ids``). Exit code 2: bad arguments; 5: bad checkpoint or folder.
+``--output-ids``). Exit code 2: bad arguments (an empty or non-UTF-8 prompt, a count <= 0, a
+threshold or sampling parameter out of range: all refused before any model is built); 5: bad
+checkpoint or folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -50,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ap = _parser()
     args = ap.parse_args(argv)
+    args.prompts = _check_arguments(ap, args)
     if sum(x is not None for x in (args.run, args.hf)) + (args.checkpoint is not None and args.run is None) != 1:
         ap.error("give exactly one source: --run [--checkpoint], --checkpoint, or --hf")
     ids = None
@@ -76,6 +80,53 @@ def main(argv: list[str] | None = None) -> int:
         destroy_parallel()
 
 
+def _check_arguments(ap: argparse.ArgumentParser, args) -> list[str] | None:
+    """Refuse meaningless arguments before anything is loaded (``ap.error``: exit 2). Returns the
+    text prompts (``--prompt`` / ``--prompt-file``), checked to be non-empty UTF-8."""
+    for name in ("max_new_tokens", "block_size", "steps_per_block"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            ap.error(f"--{name.replace('_', '-')}={value}: must be a positive integer")
+    if not (math.isfinite(args.gamma) and 0.0 <= args.gamma <= 1.0):
+        ap.error(f"--gamma={args.gamma}: the confidence threshold is a probability, in [0, 1] (the paper: 0.8)")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        ap.error(f"--temperature={args.temperature}: must be >= 0 (0: greedy)")
+    if args.top_k < 0:
+        ap.error(f"--top-k={args.top_k}: must be >= 0 (0: all tokens)")
+    if not (math.isfinite(args.top_p) and 0.0 < args.top_p <= 1.0):
+        ap.error(f"--top-p={args.top_p}: must be in (0, 1]")
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            ap.error("--prompt is empty")
+        try:
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that were not UTF-8 on the command line (surrogate escapes)
+            ap.error(f"--prompt {args.prompt.encode('utf-8', 'surrogateescape')!r} is not valid UTF-8 text")
+        return [args.prompt]
+    if args.prompt_file is not None:
+        return _prompt_lines(ap, Path(args.prompt_file))
+    return None
+
+
+def _prompt_lines(ap: argparse.ArgumentParser, path: Path) -> list[str]:
+    """One prompt per line of ``path``: UTF-8, none of them empty (errors name the file and line)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        ap.error(f"--prompt-file {path}: {e.strerror or e}")
+    try:
+        lines = raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        ap.error(f"--prompt-file {path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start})")
+    if not lines:
+        ap.error(f"--prompt-file {path} is empty: give one prompt per line")
+    for i, text in enumerate(lines, start=1):
+        if not text.strip():
+            ap.error(f"--prompt-file {path}:{i}: empty prompt (one prompt per line, no blank lines)")
+    return lines
+
+
 def _run(ap, args, ids) -> int:
     import torch
 
@@ -94,7 +145,7 @@ def _run(ap, args, ids) -> int:
         from twotower.data.tokenizers import load_tokenizer
 
         tok = load_tokenizer(loaded.tokenizer)
-        texts = [args.prompt] if args.prompt else Path(args.prompt_file).read_text().splitlines()
+        texts = args.prompts
         prompts = [(text, tok.encode(text)) for text in texts]
     else:
         prompts = [(None, ids)]

@@ -21,6 +21,31 @@ from typing import Any
 from twotower.training.config import LoggingConfig
 
 
+def supersede_rows_after(path: str | Path, step: int) -> int:
+    """Move the rows of ``metrics.jsonl`` logged after ``step`` (and torn lines) to
+    ``metrics.superseded.jsonl`` beside it; returns how many. Called when a run (re)starts at
+    ``step``: rows of a launch whose later steps were not checkpointed (a crash between saves, a
+    damaged newest checkpoint, ``checkpoint.resume=none``) would otherwise contradict the rows the
+    new launch writes for the same steps."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    keep, drop = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            row_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            row_step = None
+        (keep if row_step is not None and row_step <= step and line.endswith("\n") else drop).append(line)
+    if drop:
+        with open(path.with_name("metrics.superseded.jsonl"), "a") as f:
+            f.writelines(x if x.endswith("\n") else x + "\n" for x in drop)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
+    return len(drop)
+
+
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, cfg: LoggingConfig, *, enabled: bool, config: dict | None = None,
                  max_steps: int, start_step: int = 0):

@@ -17,17 +17,25 @@ self-requeuing SLURM job.
 Exit codes (:class:`ExitCode`; a job script decides from them whether to run again):
 
     0  done: trainer.max_steps reached (or ``--plan`` printed a plan that fits)
-    1  crash (an uncaught exception)
-    2  configuration error, named key             rerunning fails the same way
-    3  ``--plan``: the layout does not fit         "
-    4  too many non-finite losses in a row        "
-    5  bad checkpoint / backbone / shard          "
-    6  stopped early with a checkpoint written, steps left to do: a signal (SIGTERM, SIGUSR1),
-       trainer.exit_after_steps or trainer.exit_after_minutes. Run the same command to resume.
+    1  crash (an uncaught exception; the full traceback is printed)
+    2  configuration error, named key: an unknown key (also with a leading ``+``), a wrong type,
+       an unknown experiment or group option, an override below a null node, a value out of
+       range; found before any process group exists        rerunning fails the same way
+    3  ``--plan``: the layout does not fit                   "
+    4  too many non-finite losses in a row                  "
+    5  bad input found at start-up or later, named file: a checkpoint, the backbone folder
+       (config, safetensors), a dataset (manifest, shard, index, sample, moved directory)  "
+    6  stopped early with a checkpoint written, steps left to do: a signal (SIGTERM, SIGUSR1, to
+       the trainer or its whole process group), trainer.exit_after_steps or
+       trainer.exit_after_minutes. Run the same command to resume.
+
+Process hygiene: helper processes (DataLoader workers, megatron's checkpoint writers) ignore the
+scheduler's stop signals and die with the trainer (training/preemption.py, data/workers.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import sys
@@ -41,6 +49,7 @@ quiet_third_party()  # before megatron is imported (its notices fire at import t
 
 from twotower.model.config import ConfigError
 from twotower.training.config import register_configs, to_train_config
+from twotower.training.config_keys import composition_error_message
 
 
 class ExitCode(enum.IntEnum):
@@ -56,6 +65,7 @@ class ExitCode(enum.IntEnum):
 
 _PLAN = False
 _STOPPED_EARLY: list[str] = []  # one line per Hydra job that stopped early (main() exits 6 after all)
+_JOB_ERRORS: list[BaseException] = []  # raised inside a Hydra job (a crash), not by Hydra's composition
 
 
 def _slurm_to_torch_env() -> None:
@@ -91,6 +101,14 @@ def _plan(tc):
 @hydra.main(config_path="pkg://twotower.conf", config_name="config", version_base="1.3")
 def _app(cfg: DictConfig) -> float | None:
     try:
+        return _job(cfg)
+    except Exception as err:
+        _JOB_ERRORS.append(err)
+        raise
+
+
+def _job(cfg: DictConfig) -> float | None:
+    try:
         tc = to_train_config(cfg)
         if _PLAN:
             from twotower.training.planner import PlanError
@@ -104,12 +122,12 @@ def _app(cfg: DictConfig) -> float | None:
             if not report.fits:
                 sys.exit(ExitCode.PLAN)
             return None
-        tc.validate(int(os.environ.get("WORLD_SIZE", "1")))
+        batch = tc.validate(int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as err:
         print(f"twotower-train: configuration error: {err}", file=sys.stderr)
         sys.exit(ExitCode.CONFIG)
 
-    from twotower.data.shards import BadSampleError
+    from twotower.data.shards import DatasetError
     from twotower.model.hf_import import CheckpointKeyError
     from twotower.model.megatron_cpu import destroy_parallel
     from twotower.training.checkpoint import CheckpointError
@@ -117,6 +135,7 @@ def _app(cfg: DictConfig) -> float | None:
 
     trainer = None
     try:
+        _check_inputs(tc, batch.dp)  # the backbone folder and the datasets, before any process group
         trainer = Trainer(tc)
         last = trainer.train()
         if trainer.stopped_early:
@@ -125,8 +144,8 @@ def _app(cfg: DictConfig) -> float | None:
     except TrainingStopped as err:
         print(f"twotower-train: stopped: {err}", file=sys.stderr)
         sys.exit(ExitCode.NONFINITE)
-    except (CheckpointError, CheckpointKeyError, BadSampleError, ConfigError) as err:
-        # Bad input found after start-up (a checkpoint, the backbone, a shard): name it, no traceback.
+    except (CheckpointError, CheckpointKeyError, DatasetError, ConfigError) as err:
+        # Bad input found after start-up (a checkpoint, the backbone, a dataset): name it, no traceback.
         print(f"twotower-train: {type(err).__name__}: {err}", file=sys.stderr)
         sys.exit(ExitCode.BAD_INPUT)
     finally:
@@ -136,6 +155,21 @@ def _app(cfg: DictConfig) -> float | None:
     return last.get("loss")
 
 
+def _check_inputs(tc, dp: int) -> None:
+    """Read what the run will read first, cheaply: the backbone's config.json and safetensors
+    headers (CheckpointKeyError), every dataset's manifest and shard list (DatasetError)."""
+    if tc.backbone:
+        from twotower.model.hf_import import check_backbone_folder
+
+        check_backbone_folder(tc.backbone, tc.model)
+    if tc.data is not None and not tc.trainer.synthetic_data:
+        from twotower.data.plan import ReadPlan
+
+        ReadPlan(tc.data, "train", dp)
+        if tc.data.valid_path:
+            ReadPlan(tc.data, "valid", dp)
+
+
 def main() -> None:
     global _PLAN
     if "--plan" in sys.argv:
@@ -143,12 +177,37 @@ def main() -> None:
         _PLAN = True
     _slurm_to_torch_env()
     register_configs()
-    _app()  # returns after every Hydra job ran (a multirun sweep is not cut short by one stop)
+    from twotower.training.preemption import install_child_policy
+
+    install_child_policy()
+    try:
+        with _hydra_raises():
+            _app()  # returns after every Hydra job ran (a multirun sweep is not cut short by one stop)
+    except Exception as err:
+        if any(err is e for e in _JOB_ERRORS):
+            raise  # a crash inside a job: exit 1 with the traceback
+        print(f"twotower-train: configuration error: {composition_error_message(err)}", file=sys.stderr)
+        sys.exit(ExitCode.CONFIG)
     if _STOPPED_EARLY:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"twotower-train: {'; '.join(_STOPPED_EARLY)}; run the same command to resume "
                   f"(exit {int(ExitCode.STOPPED_EARLY)})", file=sys.stderr)
         sys.exit(ExitCode.STOPPED_EARLY)
+
+
+@contextlib.contextmanager
+def _hydra_raises():
+    """Let Hydra raise its composition errors (its documented HYDRA_FULL_ERROR switch) instead of
+    printing them and exiting 1, so that main() can exit 2 on them with the key named."""
+    old = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = old
 
 
 if __name__ == "__main__":

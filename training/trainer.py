@@ -1,7 +1,8 @@
 """The trainer: built in visible stages, then a short loop.
 
 Stages (``Trainer.__init__``): validate the config against the world size -> distributed
-(megatron parallel state: TP, SP, EP, PP, DP) -> model (both towers, this pipeline
+(megatron parallel state: TP, SP, EP, PP, DP) -> lock the run and checkpoint directories
+(``run_lock.py``: one process per run, writability probed) -> model (both towers, this pipeline
 stage's layer range; the context tower loaded from the backbone and frozen) -> megatron
 DDP -> optimizer + LR schedule -> data -> checkpoint (resume) -> metrics.
 
@@ -9,7 +10,8 @@ One step (``train_step``): build this rank's micro-batches (noise and masks seed
 global sample index, so any layout reproduces the single-rank run) -> megatron's
 forward-backward schedule (1F1B under PP, gradient accumulation over micro-batches; DDP
 reduces gradients, the schedule calls ``finalize_model_grads``) -> skip the step if any
-loss was non-finite -> optimizer step (clipping inside) -> LR step.
+loss was non-finite -> optimizer step (clipping inside) -> LR step. No checkpoint is written while
+non-finite losses are streaking (the weights that produce them would be resumed).
 """
 
 from __future__ import annotations
@@ -37,13 +39,15 @@ from twotower.model.released_format import load_context_tower
 from twotower.model.two_tower import build_two_tower
 from twotower.training import flops as flops_lib
 from twotower.training.batches import MicroBatch, SyntheticTokens, add_noise, first_sample_index
-from twotower.training.checkpoint import Checkpointer, CheckpointError
+from twotower.training.checkpoint import Checkpointer
 from twotower.training.config import TrainConfig
 from twotower.training.diffusion import NoiseSchedule, ValidationStats, validation_config
-from twotower.training.metrics import MetricsLogger
+from twotower.training.metrics import MetricsLogger, supersede_rows_after
 from twotower.training.objectives import ar_forward_step, diffusion_forward_step, reduce_stats
 from twotower.training.optim import build_optimizer, build_scheduler
 from twotower.training.preemption import StopRequest
+from twotower.training.resume_policy import check_resumable
+from twotower.training.run_lock import lock_run
 
 
 class TrainingStopped(RuntimeError):
@@ -62,6 +66,16 @@ class Trainer:
         use_bf16 = cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto" and torch.cuda.is_available())
         self.dtype = torch.bfloat16 if use_bf16 else torch.float32
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        # one training process per run directory and checkpoint directory (rank 0 holds the lock)
+        self._lock = lock_run(cfg.trainer.run_dir, cfg.checkpoint.dir, self.rank)
+        try:
+            self._setup(cfg, synthetic)
+        except BaseException:
+            if self._lock is not None:
+                self._lock.release()
+            raise
+
+    def _setup(self, cfg: TrainConfig, synthetic: SyntheticTokens | None) -> None:
         # 3. model (this pipeline stage), 4. DDP
         self.model = self._build_model()
         self.ddp = DistributedDataParallel(
@@ -91,7 +105,7 @@ class Trainer:
             if cfg.data.valid_path:
                 self.valid_loader = build_valid_loader(cfg.data, self.dp_rank, self.plan.dp, self.plan.micro_batch_size)
         # 7. checkpoint / resume
-        self.step, self.consumed_tokens, self.skipped = 0, 0, 0
+        self.step, self.consumed_tokens, self.skipped, self._nonfinite_streak = 0, 0, 0, 0
         self._last_eval_step, self.stopped_early = -1, False
         self.checkpointer = Checkpointer(cfg.checkpoint)
         extra = self.checkpointer.load(self.model, self.optimizer, self.scheduler, check=self._check_resumable)
@@ -108,6 +122,10 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+            dropped = supersede_rows_after(self.run_dir / "metrics.jsonl", self.step)
+            if dropped:  # e.g. a crash between saves, a damaged newest checkpoint, resume=none
+                print(f"[twotower] metrics.jsonl: {dropped} row(s) after step {self.step} (not in the checkpoint "
+                      "this run starts from) moved to metrics.superseded.jsonl", flush=True)
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, enabled=self.rank == 0, config=resolved,
                                      max_steps=cfg.trainer.max_steps, start_step=self.step)
         self.schedule = NoiseSchedule(cfg.diffusion.schedule)
@@ -135,24 +153,10 @@ class Trainer:
         return model.to(self.device)
 
     def _check_resumable(self, path, extra: dict) -> None:
-        """A checkpoint of another model or objective is refused by name before any tensor is read
-        (the parallel layout, batch and schedule may change; the architecture may not)."""
-        saved = extra.get("config") or {}
-        now = OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True)
-        diffs = [f"model.{k}: checkpoint {v!r}, this run {now['model'].get(k)!r}"
-                 for k, v in (saved.get("model") or {}).items() if now["model"].get(k) != v]
-        if "objective" in saved and saved["objective"] != now["objective"]:
-            diffs.append(f"objective: checkpoint {saved['objective']!r}, this run {now['objective']!r}")
-        if diffs:
-            raise CheckpointError(f"checkpoint {path} was trained with another configuration; "
-                                  f"point checkpoint.dir elsewhere or checkpoint.resume=none: " + "; ".join(diffs))
-        changed = [f"{g}.{k} {saved[g][k]!r} -> {now[g][k]!r}" for g, keys in
-                   (("trainer", ("max_steps", "global_batch_size", "seq_len")),
-                    ("optim", ("lr", "min_lr", "warmup_steps", "schedule", "decay_steps")))
-                   for k in keys if k in (saved.get(g) or {}) and k in now[g] and saved[g][k] != now[g][k]]
-        if changed and self.rank == 0:
-            print(f"[twotower] resuming {path} with a changed schedule/batch (this run's values apply from "
-                  f"step {extra.get('step')} on): " + ", ".join(changed), flush=True)
+        """Another model, objective or diffusion geometry: refused by field name before any tensor
+        is read; changed optimizer / schedule / batch settings: announced, they apply (resume_policy.py)."""
+        check_resumable(path, extra, OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True),
+                        announce=self.rank == 0)
 
     def _restore(self, extra: dict) -> None:
         self.step = int(extra["step"])
@@ -229,13 +233,16 @@ class Trainer:
             with torch.no_grad():
                 for buf, saved in biases:
                     buf.copy_(saved)
-            self._nonfinite_streak = getattr(self, "_nonfinite_streak", 0) + 1
+            self._nonfinite_streak += 1
             out.update(loss=float("nan"), grad_norm=float("nan"), skipped_steps=self.skipped)
             if "masked_ce" in out:
                 out["masked_ce"] = float("nan")
             if self._nonfinite_streak >= self.cfg.trainer.max_consecutive_nonfinite:
-                raise TrainingStopped(f"{self._nonfinite_streak} non-finite losses in a row at step {self.step} "
-                                      "(trainer.max_consecutive_nonfinite); lower optim.lr or check the data")
+                n, last = self._nonfinite_streak, self.step + 1  # steps counted from 1, as logged
+                raise TrainingStopped(f"{n} non-finite losses in a row, steps {last - n + 1}-{last} "
+                                      f"(trainer.max_consecutive_nonfinite={self.cfg.trainer.max_consecutive_nonfinite});"
+                                      f" no checkpoint was written during them, a relaunch resumes from "
+                                      f"{self.checkpointer.latest() or 'scratch'}; lower optim.lr or check the data")
         else:
             self._nonfinite_streak = 0
             _, grad_norm, _ = self.optimizer.step()
@@ -286,6 +293,15 @@ class Trainer:
         if self.rank == 0:
             print(f"[twotower] saved checkpoint {path}", flush=True)
 
+    def _save_unless_diverging(self) -> None:
+        """No checkpoint while non-finite losses are streaking: its weights produce them, and a
+        relaunch (e.g. with a lower LR) must resume from before the streak."""
+        if not self._nonfinite_streak:
+            self.save()
+        elif self.rank == 0:
+            print(f"[twotower] step {self.step}: no checkpoint during {self._nonfinite_streak} non-finite "
+                  f"loss(es) in a row; the newest stays {self.checkpointer.latest()}", flush=True)
+
     def describe(self) -> str:
         """One start-up line: what is trained, on which layout, with which batch, where it logs."""
         c, t, p = self.cfg, self.cfg.trainer, self.cfg.parallel
@@ -320,7 +336,7 @@ class Trainer:
         # the last step is saved (always when stopped early: the next launch resumes from it),
         # unless the loop just did, or this launch trained no step at all
         if (interval or self.stopped_early) and not saved_in_loop and self.step > self._launch_step:
-            self.save()
+            self._save_unless_diverging()
         if not self.stopped_early and self._last_eval_step != self.step and self._has_validation():
             last |= self.evaluate()  # the final model is always validated
             self.metrics.log(self.step, {k: v for k, v in last.items() if k.startswith("val/")})
@@ -349,7 +365,7 @@ class Trainer:
                 last |= val
                 self.metrics.log(self.step, val)
             if self.cfg.checkpoint.interval and self.step % self.cfg.checkpoint.interval == 0:
-                self.save()
+                self._save_unless_diverging()
             by_steps = bool(t.exit_after_steps) and self.step - self._launch_step >= t.exit_after_steps
             by_time = bool(t.exit_after_minutes) and time.perf_counter() - self._launch_t0 >= 60 * t.exit_after_minutes
             if stop.requested(by_steps or by_time):
@@ -365,4 +381,7 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 

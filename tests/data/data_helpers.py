@@ -39,28 +39,34 @@ def npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_raw_dataset(out: Path, samples: list[dict], seq_len: int, vocab_size: int = 260) -> Path:
-    """A one-shard dataset of hand-made raw samples ({"__key__", ext: bytes}) plus a matching manifest."""
+def write_raw_dataset(out: Path, samples: list[dict], seq_len: int, vocab_size: int | None = 260) -> Path:
+    """A one-shard dataset of hand-made raw samples ({"__key__", ext: bytes}) plus a matching manifest
+    (``vocab_size=None``: a manifest that records no vocabulary, as other tools may write)."""
     out.mkdir(parents=True, exist_ok=True)
     with wds.TarWriter(str(out / "train-000000.tar"), encoder=False) as w:
         for s in samples:
             w.write(s)
     shard = {"name": "train-000000.tar", "samples": len(samples), "tokens": 0, "bytes": 0, "sha256": ""}
-    write_manifest(
-        out,
-        {
-            "format": FORMAT,
-            "tokenizer": "byte",
-            "vocab_size": vocab_size,
-            "eos_id": 2,
-            "pad_id": 0,
-            "seq_len": seq_len,
-            "dtype": "uint32",
-            "boundaries": False,
-            "splits": {
-                "train": {"shards": [shard], "samples": len(samples), "tokens": 0},
-                "valid": {"shards": [], "samples": 0, "tokens": 0},
-            },
+    manifest = {
+        "format": FORMAT,
+        "tokenizer": "byte",
+        "vocab_size": vocab_size,
+        "eos_id": 2,
+        "pad_id": 0,
+        "seq_len": seq_len,
+        "dtype": "uint32",
+        "boundaries": False,
+        "splits": {
+            "train": {"shards": [shard], "samples": len(samples), "tokens": 0},
+            "valid": {"shards": [], "samples": 0, "tokens": 0},
         },
-    )
+    }
+    if vocab_size is None:
+        del manifest["vocab_size"]
+    write_manifest(out, manifest)
     return out
+
+
+def file_digests(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (relative path -> bytes): to show that nothing was changed or lost."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
