@@ -1,7 +1,11 @@
 """CPU runtime layer for megatron-core: run megatron 0.16.x on a CPU-only torch build with gloo.
 
-Call :func:`apply` **before megatron is imported** (``import twotower.model`` does it for you:
-``model/__init__.py`` calls it). Megatron binds some torch names at import time (e.g.
+Nothing is patched on import: the entry points (``twotower-train``/``-generate``/``-convert``/``-demo``,
+the tests' ``conftest.py``, the benchmarks) call :func:`apply` explicitly, first thing, and
+:func:`twotower.model.parallel_init.init_parallel` calls it again (idempotent) so that no megatron
+world is ever built on a CPU host without it. A test (``tests/model/test_import_hygiene.py``) checks in
+a fresh interpreter that importing every twotower package leaves torch untouched. Call it **before
+megatron is imported** where you can. Megatron binds some torch names at import time (e.g.
 ``from torch.cuda import _lazy_call`` in ``tensor_parallel.random``) and runs CUDA probes in module
 code, so the supported order is "apply first"; ``apply()`` then imports the megatron modules it fixes
 itself (importing ``twotower.model`` therefore imports megatron, ~4 s). All current patches are looked
@@ -12,8 +16,10 @@ Two kinds of patches:
 CPU-only (skipped entirely when ``torch.cuda.is_available()``): they make megatron's hard-wired CUDA
 calls land on the CPU device.
 
-1. ``torch.cuda.current_device()`` -> ``torch.device('cpu')``: ~175 megatron call sites allocate with
-   ``device=torch.cuda.current_device()`` (grad buffers, optimizer shards, p2p buffers).
+1. ``torch.cuda.current_device()`` -> torch's default device (the CPU, or the device of an active
+   ``with torch.device(...)`` context: a model built on ``meta`` gets megatron's buffers there too):
+   ~175 megatron call sites allocate with ``device=torch.cuda.current_device()`` (grad buffers,
+   optimizer shards, p2p buffers, the MoE router's buffers).
 2. CUDA streams/events: ``torch.cuda.Stream/Event/current_stream/default_stream/stream/synchronize``
    become no-op stand-ins (CPU ops are synchronous): the MoE alltoall dispatcher's DtoH stream,
    pipeline p2p and checkpoint save call them unconditionally.
@@ -69,8 +75,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -81,10 +85,7 @@ __all__ = [
     "CpuStream",
     "applied_patches",
     "apply",
-    "destroy_parallel",
-    "free_port",
     "init_optimizer_states",
-    "init_parallel",
 ]
 
 CPU_ONLY = not torch.cuda.is_available()
@@ -92,7 +93,6 @@ CPU_ONLY = not torch.cuda.is_available()
 _BUGFIX_MCORE = ("0.16.",)
 
 _APPLIED: list[str] = []
-_ENV_SET: dict[str, str | None] = {}  # env vars init_parallel() set (restored by destroy_parallel)
 _ORIG: dict[str, Any] = {}
 _CPU = torch.device("cpu")
 
@@ -115,7 +115,7 @@ def _replace(owner: Any, name: str, new: Any, key: str | None = None) -> None:
 # 1. current_device
 # --------------------------------------------------------------------------------------------------
 def _patch_current_device() -> None:
-    _replace(torch.cuda, "current_device", lambda: _CPU)
+    _replace(torch.cuda, "current_device", torch.get_default_device)
     _APPLIED.append("current_device")
 
 
@@ -470,61 +470,3 @@ def apply() -> list[str]:
     if not _APPLIED:
         _APPLIED.append("none")
     return applied_patches()
-
-
-# --------------------------------------------------------------------------------------------------
-# parallel init helper
-# --------------------------------------------------------------------------------------------------
-def init_parallel(tp: int = 1, ep: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 300) -> None:
-    """Initialise torch.distributed from the torchrun env and megatron model parallel.
-
-    Backend ``gloo`` on CPU, ``nccl`` on CUDA (sets the CUDA device from ``LOCAL_RANK``). Without
-    torchrun env vars it falls back to a 1-process world on a free port. Then
-    ``initialize_model_parallel(tp, pp, ep)`` and ``model_parallel_cuda_manual_seed(seed)``.
-    """
-    apply()
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    if not torch.distributed.is_initialized():
-        if "RANK" not in os.environ:  # not under torchrun: a 1-process world on a fresh port
-            env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
-            env["MASTER_PORT"] = str(free_port())
-            _ENV_SET.update({k: os.environ.get(k) for k in env})
-            os.environ.update(env)
-        backend = "gloo" if CPU_ONLY else "nccl"
-        if not CPU_ONLY:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        expert_model_parallel_size=ep,
-        # Experts are not tensor-parallel (Nemotron-H: ETP=1); must match TransformerConfig.
-        expert_tensor_parallel_size=1,
-    )
-    model_parallel_cuda_manual_seed(seed)
-
-
-def destroy_parallel() -> None:
-    """Undo :func:`init_parallel` (megatron groups, then the default process group)."""
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    for k, v in _ENV_SET.items():  # undo the env init_parallel() set for a 1-process world
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    _ENV_SET.clear()
-
-
-def free_port() -> int:
-    """A TCP port free on localhost right now."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -129,7 +129,7 @@ def _job(cfg: DictConfig) -> float | None:
 
     from twotower.data.shards import DatasetError
     from twotower.model.hf_import import CheckpointKeyError
-    from twotower.model.megatron_cpu import destroy_parallel
+    from twotower.model.parallel_init import destroy_parallel
     from twotower.training.checkpoint import CheckpointError
     from twotower.training.trainer import Trainer, TrainingStopped
 
@@ -176,6 +176,9 @@ def main() -> None:
         sys.argv.remove("--plan")
         _PLAN = True
     _slurm_to_torch_env()
+    from twotower.model import megatron_cpu
+
+    megatron_cpu.apply()  # the CPU runtime layer (no-op on CUDA hosts); before any megatron world exists
     register_configs()
     from twotower.training.preemption import install_child_policy
 

@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 
 from twotower.model.backbone import build_backbone
 from twotower.model.hf_import import load_hf_backbone
-from twotower.model.megatron_cpu import init_parallel
+from twotower.model.parallel_init import init_parallel
 from twotower.model.released_format import load_context_tower
 from twotower.model.two_tower import build_two_tower
 from twotower.training import flops as flops_lib

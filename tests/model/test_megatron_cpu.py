@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from twotower.model import megatron_cpu
+from twotower.model import megatron_cpu, parallel_init
 
 pytestmark = pytest.mark.skipif(not megatron_cpu.CPU_ONLY, reason="CPU-only patches (CUDA available)")
 
@@ -247,12 +247,12 @@ def test_init_parallel_without_torchrun_env_is_one_process_and_cleans_up(monkeyp
 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
-    megatron_cpu.init_parallel(tp=1, seed=3)
+    parallel_init.init_parallel(tp=1, seed=3)
     try:
         from megatron.core import parallel_state
 
         assert torch.distributed.get_world_size() == 1 and parallel_state.model_parallel_is_initialized()
     finally:
-        megatron_cpu.destroy_parallel()
+        parallel_init.destroy_parallel()
     assert not torch.distributed.is_initialized()
     assert "RANK" not in os.environ and "MASTER_PORT" not in os.environ
