@@ -237,6 +237,12 @@ def _tensor_cuda(self: torch.Tensor, device: Any = None, non_blocking: bool = Fa
 
 def _patch_device_literals() -> None:
     from torch.jit import _builtins
+    from torch.utils import _device
+
+    # `with torch.device(d):` (DeviceContext) recognises factories by identity in a cached set built
+    # on first use: build it from the original functions (our wrappers call them, so a meta or CPU
+    # build context still reaches every megatron allocation).
+    _device._device_constructors()
 
     for name in _FACTORIES:
         orig = getattr(torch, name)

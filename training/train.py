@@ -95,7 +95,9 @@ def _plan(tc):
                 seq_len=t.seq_len, micro_batch=t.micro_batch_size, global_batch=t.global_batch_size,
                 block_size=tc.twotower.block_size,
                 token_budget=t.tokens_budget or t.max_steps * t.global_batch_size * t.seq_len,
-                distributed_optimizer=tc.optim.distributed_optimizer, recompute=tc.twotower.recompute)
+                distributed_optimizer=tc.optim.distributed_optimizer, recompute=tc.twotower.recompute,
+                mfu=tc.cluster.mfu or None, mfu_source=f"cluster.mfu ({tc.cluster.name})" if tc.cluster.mfu else None,
+                time_per_block=tc.diffusion.time_per == "block")
 
 
 @hydra.main(config_path="pkg://twotower.conf", config_name="config", version_base="1.3")
