@@ -3,19 +3,19 @@
 Stage: config validation (before any process group) and model construction. Three keys of
 ``ParallelConfig`` choose backends, each resolved once per process here:
 
-===================  =================================  ==============================================
-key                  values                             ``auto`` picks
-===================  =================================  ==============================================
-``transformer_impl`` ``local``, ``transformer_engine``  ``transformer_engine`` when TE imports and CUDA
-                                                        is present, else ``local`` (megatron's
-                                                        tensor-parallel layers, torch norms)
-``attention_backend````sdpa``, ``flex``                 ``flex`` on CUDA, else ``sdpa``
-``ssm_backend``      ``torch``, ``mamba_ssm``           ``mamba_ssm`` (mamba-ssm SSD scan +
-                                                        causal-conv1d) on CUDA when installed, else
-                                                        ``torch``; per call, ``twotower.model.kernels``
-                                                        still falls back where a kernel cannot take
-                                                        the inputs (``auto`` only)
-===================  =================================  ==============================================
+=====================  =================================  ============================================
+key                    values                             ``auto`` picks
+=====================  =================================  ============================================
+``transformer_impl``   ``local``, ``transformer_engine``  ``transformer_engine`` when TE is installed
+                                                          and CUDA is present, else ``local``
+                                                          (megatron's tensor-parallel layers)
+``attention_backend``  ``sdpa``, ``flex``                 ``flex`` on CUDA, else ``sdpa``
+``ssm_backend``        ``torch``, ``mamba_ssm``           ``mamba_ssm`` (mamba-ssm SSD scan +
+                                                          causal-conv1d) on CUDA when installed, else
+                                                          ``torch``; per call ``kernels.select`` still
+                                                          falls back where a kernel cannot take the
+                                                          inputs (``auto`` only)
+=====================  =================================  ============================================
 
 Unknown values are refused when the config is built; values this host cannot run (``transformer_engine``
 without TE or CUDA, ``mamba_ssm`` without the kernels) are refused by :func:`check_available`, named

@@ -44,6 +44,7 @@ class HybridLayer(MegatronModule):
         self.symbol = symbol
         self.layer_number = layer_number
         self.fused_norm = symbol in specs.fused_norm_symbols
+        self.transformer_impl = specs.transformer_impl
         self.norm = build_module(specs.norm_for_symbol(symbol), config.hidden_size, eps=config.layernorm_epsilon,
                                  sequence_parallel=config.sequence_parallel, device=device,
                                  dtype=config.params_dtype)
@@ -88,7 +89,7 @@ class HybridLayer(MegatronModule):
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """megatron's recursion, with TE names mapped to the local ones (backend-independent keys)."""
         sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        if not self.fused_norm and self.symbol != "E":
+        if self.transformer_impl == "local":
             return sd
         out = {}
         for key, value in sd.items():

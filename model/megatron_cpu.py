@@ -115,7 +115,20 @@ def _replace(owner: Any, name: str, new: Any, key: str | None = None) -> None:
 # 1. current_device
 # --------------------------------------------------------------------------------------------------
 def _patch_current_device() -> None:
-    _replace(torch.cuda, "current_device", torch.get_default_device)
+    from torch import overrides
+    from torch.utils import _device
+
+    assert hasattr(overrides, "_get_current_function_mode_stack") and hasattr(_device, "DeviceContext"), (
+        "megatron_cpu: torch's DeviceContext internals moved (torch upgrade?)")
+
+    def current_device() -> torch.device:
+        # torch.get_default_device() without its per-call tensor allocation (megatron asks often)
+        for mode in reversed(overrides._get_current_function_mode_stack()):
+            if isinstance(mode, _device.DeviceContext):
+                return mode.device
+        return _CPU
+
+    _replace(torch.cuda, "current_device", current_device)
     _APPLIED.append("current_device")
 
 

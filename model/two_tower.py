@@ -311,8 +311,9 @@ class TwoTowerModel(MegatronModule):
         vl = logits.shape[-1]
         local = self.twotower.mask_token_id - parallel_state.get_tensor_model_parallel_rank() * vl
         if 0 <= local < vl:
-            idx = torch.tensor([local], device=logits.device)
-            logits = logits.index_fill_(-1, idx, float("-inf")) if inplace else logits.index_fill(-1, idx, float("-inf"))
+            # an int index (no index tensor built from a Python list: that H2D copy syncs the host)
+            logits = logits if inplace else logits.clone()
+            logits[..., local] = float("-inf")
         return logits
 
     def _seq_slice(self, L: int) -> slice | None:

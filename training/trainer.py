@@ -4,7 +4,7 @@ Stages (``Trainer.__init__``): validate the config against the world size -> dis
 (megatron parallel state: TP, SP, EP, PP, DP) -> lock the run and checkpoint directories
 (``run_lock.py``: one process per run, writability probed) -> model (both towers, this pipeline
 stage's layer range; the context tower loaded from the backbone and frozen) -> megatron
-DDP -> optimizer + LR schedule -> data -> checkpoint (resume) -> metrics.
+Float16Module + DDP (``wrapping.py``) -> optimizer + LR schedule -> data -> checkpoint (resume) -> metrics.
 
 One step (``train_step``): build this rank's micro-batches (noise and masks seeded by
 global sample index, so any layout reproduces the single-rank run) -> megatron's
@@ -16,7 +16,6 @@ non-finite losses are streaking (the weights that produce them would be resumed)
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -25,13 +24,8 @@ from pathlib import Path
 
 import torch
 from megatron.core import parallel_state as ps
-from megatron.core.distributed import (
-    DistributedDataParallel,
-    DistributedDataParallelConfig,
-    finalize_model_grads,
-)
+from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer.module import Float16Module
 from omegaconf import OmegaConf
 
 from twotower.model.backbone import build_backbone
@@ -50,6 +44,7 @@ from twotower.training.optim import build_optimizer, build_scheduler
 from twotower.training.preemption import StopRequest
 from twotower.training.resume_policy import check_resumable
 from twotower.training.run_lock import lock_run
+from twotower.training.wrapping import params_gathered, wrap_for_training
 
 
 class TrainingStopped(RuntimeError):
@@ -82,18 +77,7 @@ class Trainer:
     def _setup(self, cfg: TrainConfig, synthetic: SyntheticTokens | None) -> None:
         # 3. model (this pipeline stage, built on self.device), 4. megatron's Float16Module + DDP
         self.model = self._build_model()
-        cuda = self.device.type == "cuda"
-        # bf16 parameters, fp32 gradient buffers (main_grad) reduced in fp32; on CUDA the gradient
-        # reduce-scatter overlaps the backward and the parameter all-gather the next forward.
-        self.ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=cuda and cfg.parallel.overlap_grad_reduce,
-            overlap_param_gather=(cuda and cfg.parallel.overlap_param_gather and cfg.optim.distributed_optimizer
-                                  and cfg.parallel.overlap_grad_reduce),
-            use_distributed_optimizer=cfg.optim.distributed_optimizer,
-        )
-        module = Float16Module(self.model.config, self.model) if self.dtype != torch.float32 else self.model
-        self.ddp = DistributedDataParallel(self.model.config, self.ddp_config, module)
+        self.ddp, self.ddp_config = wrap_for_training(self.model, cfg, self.device, self.dtype)
         # 5. optimizer and schedule
         self.optimizer = build_optimizer(cfg.optim, [self.ddp], self.dtype)
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, cfg.trainer.max_steps)
@@ -174,20 +158,6 @@ class Trainer:
         if bad:
             raise TrainingStopped(f"{bad} token id(s) outside [0, model.vocab_size={self.cfg.model.vocab_size}) "
                                   f"in the steps before {self.step}; check the data's tokenizer / vocab_size")
-
-    @contextlib.contextmanager
-    def _params_gathered(self):
-        """Parameters all-gathered (checkpoint save, validation): with ``overlap_param_gather`` the
-        all-gather of the last optimizer step is otherwise still pending (megatron's own rule:
-        disable the forward pre-hook around checkpointing and evaluation)."""
-        if not self.ddp_config.overlap_param_gather:
-            yield
-            return
-        self.ddp.disable_forward_pre_hook()  # forces the pending parameter all-gather
-        try:
-            yield
-        finally:
-            self.ddp.enable_forward_pre_hook()
 
     def _check_resumable(self, path, extra: dict) -> None:
         """Another model, objective or diffusion geometry: refused by field name before any tensor
@@ -295,7 +265,7 @@ class Trainer:
         """Unbiased NELBO over t ~ U[eps, 1] (bits/token, perplexity bound) and, beside it, the
         frozen context tower's AR NLL on the same tokens. The stream is the same every time."""
         c = self.cfg
-        with self._params_gathered():
+        with params_gathered(self.ddp, self.ddp_config):
             return self._evaluate(c)
 
     def _evaluate(self, c) -> dict[str, float]:
@@ -330,7 +300,7 @@ class Trainer:
         extra = {"step": self.step, "consumed_tokens": self.consumed_tokens, "skipped_steps": self.skipped,
                  "data": data, "diffusion_clip": [self.cfg.diffusion.t_min, self.cfg.diffusion.t_max],
                  "config": OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True)}
-        with self._params_gathered():
+        with params_gathered(self.ddp, self.ddp_config):
             path = self.checkpointer.save(self.step, self.model, self.optimizer, self.scheduler,
                                           json.loads(json.dumps(extra)))
         if self.rank == 0:

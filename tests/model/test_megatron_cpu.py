@@ -39,6 +39,10 @@ def test_current_device_is_cpu():
     dev = torch.cuda.current_device()
     assert dev == torch.device("cpu")
     assert torch.empty(2, device=torch.cuda.current_device()).device.type == "cpu"
+    with torch.device("meta"):  # a model built on meta gets megatron's current_device() buffers there too
+        assert torch.cuda.current_device() == torch.device("meta")
+        assert torch.empty(2).device.type == "meta"  # the factory wrappers keep the device context
+    assert torch.cuda.current_device() == torch.device("cpu")
 
 
 # -- 2. streams / events ------------------------------------------------------------------------------
