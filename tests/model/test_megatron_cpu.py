@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from twotower.model import megatron_cpu, parallel_init
+from twotower.model import megatron_cpu, megatron_fixes, parallel_init
 
 pytestmark = pytest.mark.skipif(not megatron_cpu.CPU_ONLY, reason="CPU-only patches (CUDA available)")
 
@@ -31,7 +31,7 @@ def test_replace_fails_loudly_when_the_attribute_is_gone():
 
 
 def test_megatron_version_is_one_the_bug_fixes_were_verified_for():
-    assert megatron_cpu._mcore_version().startswith(megatron_cpu._BUGFIX_MCORE)
+    assert megatron_fixes.mcore_version().startswith(megatron_fixes.VERIFIED_MCORE)
 
 
 # -- 1. current_device --------------------------------------------------------------------------------
@@ -228,7 +228,7 @@ def test_init_optimizer_states_keeps_weights_and_zeroes_state(megatron_world1):
         OptimizerConfig(optimizer="adam", lr=0.1, weight_decay=0.5, use_distributed_optimizer=True), [ddp]
     )
     for o in opt.chained_optimizers:
-        megatron_cpu.init_optimizer_states(o)
+        megatron_fixes.init_optimizer_states(o)
         states = list(o.optimizer.state.values())
         assert states and all(float(s["step"]) == 0.0 and not s["exp_avg"].any() for s in states)
         assert len({id(s["step"]) for s in states}) == len(states)  # one step tensor per param

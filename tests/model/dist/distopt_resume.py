@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-from twotower.model import megatron_cpu, parallel_init
+from twotower.model import megatron_cpu, megatron_fixes, parallel_init
 
 megatron_cpu.apply()  # explicit: importing twotower.model patches nothing
 
@@ -97,14 +97,14 @@ def adam_steps(opt):
 def resume(ckpt, first, unpatched):
     """Fresh model + optimizer (other init), load ``ckpt``, train steps K..N; returns (losses, steps)."""
     ddp, opt = build(99)  # a different init: everything must come from the checkpoint
-    # no explicit megatron_cpu.init_optimizer_states(): the patched state_dict() initialises the
+    # no explicit megatron_fixes.init_optimizer_states(): the patched state_dict() initialises the
     # empty torch-Adam states that sharded_state_dict(is_loading=True) needs
     sd = {"model": ddp.module.sharded_state_dict()}
     sd["optimizer"] = opt.sharded_state_dict(sd["model"], is_loading=True, metadata=META)
     loaded = dist_checkpointing.load(sd, ckpt)
     ddp.module.load_state_dict(loaded["model"])
     if unpatched:  # megatron's own DistributedOptimizer.load_state_dict
-        orig = megatron_cpu._ORIG["mcore.DistributedOptimizer.load_state_dict"]
+        orig = megatron_fixes._ORIG["mcore.DistributedOptimizer.load_state_dict"]
         for o in getattr(opt, "chained_optimizers", [opt]):
             orig(o, loaded["optimizer"])
     else:
