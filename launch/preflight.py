@@ -83,7 +83,7 @@ def _check_resume(spec: JobSpec) -> None:
 def _check_layout(spec: JobSpec) -> None:
     c, p = spec.cluster, spec.cfg.parallel
     try:
-        spec.cfg.validate(spec.world_size)
+        spec.cfg.validate(spec.world_size, check_host=False)  # the backends are checked on the nodes
     except ConfigError as err:
         raise LaunchError(
             f"cluster.nodes={c.nodes} x {spec.procs_per_node} processes per node = {spec.world_size} ranks do not "
@@ -102,7 +102,9 @@ def _check_plan(spec: JobSpec) -> str | None:
                       seq_len=t.seq_len, micro_batch=t.micro_batch_size, global_batch=t.global_batch_size,
                       block_size=cfg.twotower.block_size,
                       token_budget=t.tokens_budget or t.max_steps * t.global_batch_size * t.seq_len,
-                      distributed_optimizer=cfg.optim.distributed_optimizer, recompute=cfg.twotower.recompute)
+                      distributed_optimizer=cfg.optim.distributed_optimizer, recompute=cfg.twotower.recompute,
+                      mfu=c.mfu or None, mfu_source=f"cluster.mfu ({c.name})" if c.mfu else None,
+                      time_per_block=cfg.diffusion.time_per == "block")
     except PlanError as err:
         raise LaunchError(f"the plan does not fit (launch.plan=false skips this check): {err}",
                           code=LaunchError.PLAN) from err

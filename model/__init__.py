@@ -1,9 +1,6 @@
 """twotower.model: the TwoTower denoiser built on megatron-core.
 
-Importing this package installs the CPU runtime layer (:mod:`twotower.model.megatron_cpu`) before any
-megatron module is imported; on CUDA machines only the megatron bug fixes are applied.
+Importing this package (or any of its modules) changes nothing global. On a CPU-only host megatron
+needs the CPU runtime layer: entry points call :func:`twotower.model.megatron_cpu.apply` explicitly
+(and :func:`twotower.model.parallel_init.init_parallel` does too).
 """
-
-from twotower.model import megatron_cpu as _megatron_cpu
-
-_megatron_cpu.apply()

@@ -3,7 +3,8 @@
 Stage: denoiser tower, once per forward. Input: the diffusion time ``t: [b, n_t]`` in
 [0, 1] (``n_t`` = 1: one time per sequence, the release's recipe and its decoders; ``n_t`` =
 blocks per sequence: one time per block). Output: per layer ``Modulation(shift, scale, gate)``,
-each ``[s(/tp) or 1, b, h]``. Parameter names are the release's (spec release.md §3, §6)::
+each ``[1 or blocks, b, h]`` (broadcast over the tokens, never materialised per token). Parameter
+names are the release's (spec release.md §3, §6)::
 
     s   = bf16(bf16(t) * 1000)                        the release's precision chain (§6.1)
     e   = t_embedder(s)  = W2 silu(W1 [cos(s f) ; sin(s f)] + b1) + b2        f_j = 10000^(-j/128)
@@ -45,7 +46,8 @@ ADALN_INITS = ("identity", "release")
 
 
 class Modulation:
-    """``(shift, scale, gate)`` for one layer, each ``[s(/tp) or 1, b, h]``."""
+    """``(shift, scale, gate)`` for one layer, each ``[n, b, h]``: ``n`` = 1 (one time per sequence),
+    the blocks of this rank's tokens (one time per block), or this rank's tokens."""
 
     __slots__ = ("gate", "scale", "shift")
 
@@ -53,8 +55,23 @@ class Modulation:
         self.shift, self.scale, self.gate = shift, scale, gate
 
     def modulate(self, u: torch.Tensor) -> torch.Tensor:
-        """``u (1 + scale) + shift``, in ``u``'s dtype."""
-        return (u * (1 + self.scale) + self.shift).to(u.dtype)
+        """``u (1 + scale) + shift`` for ``u: [s, b, h]``, in ``u``'s dtype."""
+        v, e = self._blocks(u)
+        return (v * (1 + e(self.scale)) + e(self.shift)).to(u.dtype).reshape(u.shape)
+
+    def apply_gate(self, out: torch.Tensor) -> torch.Tensor:
+        """``gate * out`` for ``out: [s, b, h]`` (the gate as released, not ``1 + gate``)."""
+        v, e = self._blocks(out)
+        return (e(self.gate) * v).reshape(out.shape)
+
+    def _blocks(self, u: torch.Tensor):
+        """Per-block vectors act on ``u`` viewed as ``[n, s/n, b, h]``: a block's vector is broadcast
+        over its tokens, never copied to each of them (``[s, b, 3h]`` per layer would be 3x the
+        residual stream at 30B scale)."""
+        n = self.shift.shape[0]
+        if n in (1, u.shape[0]):
+            return u, lambda m: m
+        return u.unflatten(0, (n, u.shape[0] // n)), lambda m: m[:, None]
 
 
 def timestep_embedding(t: torch.Tensor, dtype: torch.dtype, dim: int = FREQ_DIM) -> torch.Tensor:
@@ -74,10 +91,13 @@ def timestep_embedding(t: torch.Tensor, dtype: torch.dtype, dim: int = FREQ_DIM)
 class TimestepEmbedder(nn.Module):
     """``t_embedder``: sinusoid(1000 t) -> Linear(256, h) -> SiLU -> Linear(h, h) (``mlp.0``, ``mlp.2``)."""
 
-    def __init__(self, hidden_size: int, freq_dim: int = FREQ_DIM):
+    def __init__(self, hidden_size: int, freq_dim: int = FREQ_DIM, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        f = {"device": device, "dtype": dtype}
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size, **f), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size, **f))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """``t [...]`` -> ``[..., h]`` in the weights' dtype."""
@@ -86,16 +106,18 @@ class TimestepEmbedder(nn.Module):
 
 def build_time_conditioning(hidden_size: int, layer_indices: list[int], init: str = "identity",
                             seed: int = 0, device: torch.device | str | None = None,
-                            sequence_parallel: bool = False, pipeline_parallel: bool = False,
+                            dtype: torch.dtype | None = None, sequence_parallel: bool = False,
+                            pipeline_parallel: bool = False,
                             ) -> tuple[TimestepEmbedder, nn.Sequential, nn.ParameterDict]:
     """``(t_embedder, t_block, scale_shift_tables)`` for the layers ``layer_indices`` (global,
     0-based; the tables are keyed ``str(i)``, the release's ``scale_shift_tables.{i}``)."""
     if init not in ADALN_INITS:
         raise ValueError(f"twotower.adaln_init={init!r}: use one of {', '.join(ADALN_INITS)}")
     h = hidden_size
-    t_embedder = TimestepEmbedder(h).to(device)
-    t_block = nn.Sequential(nn.SiLU(), nn.Linear(h, 3 * h)).to(device)
-    tables = nn.ParameterDict({str(i): nn.Parameter(torch.empty(3, h, device=device)) for i in layer_indices})
+    f = {"device": device, "dtype": dtype}
+    t_embedder = TimestepEmbedder(h, **f)
+    t_block = nn.Sequential(nn.SiLU(), nn.Linear(h, 3 * h, **f))
+    tables = nn.ParameterDict({str(i): nn.Parameter(torch.empty(3, h, **f)) for i in layer_indices})
     reset_time_conditioning(t_embedder, t_block, tables, init, seed)
     for p in t_embedder.parameters():
         p.pipeline_parallel = pipeline_parallel  # read by megatron's finalize_model_grads (has_cond_embedder)
@@ -120,37 +142,41 @@ def reset_time_conditioning(t_embedder: TimestepEmbedder, t_block: nn.Sequential
         t_block[1].bias.zero_()
     for key, table in tables.items():
         if init == "identity":
-            table.copy_(torch.tensor([0.0, 0.0, 1.0])[:, None].expand(3, h))
+            table.copy_(torch.tensor([0.0, 0.0, 1.0], device="cpu")[:, None].expand(3, h))
         else:
             gi = torch.Generator().manual_seed(seed * 1_000_003 + int(key) + 1)
-            table.copy_(torch.randn(3, h, generator=gi) / math.sqrt(h))
+            table.copy_(torch.randn(3, h, generator=gi, device="cpu") / math.sqrt(h))
 
 
 def _torch_default_linear_init(lin: nn.Linear, g: torch.Generator) -> None:
     """``nn.Linear.reset_parameters`` (kaiming-uniform a=sqrt(5): U(+-1/sqrt(fan_in))) from ``g``."""
     bound = 1 / math.sqrt(lin.in_features)
-    lin.weight.copy_(torch.empty(lin.weight.shape).uniform_(-bound, bound, generator=g))
-    lin.bias.copy_(torch.empty(lin.bias.shape).uniform_(-bound, bound, generator=g))
+    # drawn on the CPU from the private generator (the same numbers on every device), then copied
+    lin.weight.copy_(torch.empty(lin.weight.shape, device="cpu").uniform_(-bound, bound, generator=g))
+    lin.bias.copy_(torch.empty(lin.bias.shape, device="cpu").uniform_(-bound, bound, generator=g))
 
 
 def shared_modulation(t_embedder: TimestepEmbedder, t_block: nn.Sequential, t: torch.Tensor, tokens: int,
                       seq_slice: slice | None = None) -> torch.Tensor:
-    """``t [b, n_t]`` -> the shared modulation ``[s(/tp) or 1, b, 3, h]`` (before the per-layer tables).
+    """``t [b, n_t]`` -> the shared modulation ``[n, b, 3, h]`` (before the per-layer tables).
 
-    ``n_t == 1`` (one time per sequence) stays a broadcastable ``[1, b, 3, h]``; otherwise each
-    of the ``n_t`` blocks' vectors is repeated over its ``tokens // n_t`` tokens and ``seq_slice``
-    keeps this rank's sequence shard (sequence parallelism).
+    ``n_t == 1`` (one time per sequence): ``n = 1``. One time per block: ``n`` = the blocks of this
+    rank's tokens (``seq_slice``: its sequence shard under sequence parallelism), one vector per
+    block, broadcast over the block's tokens by :class:`Modulation`; only a shard that does not hold
+    whole blocks gets one vector per token.
     """
     b, n_t = t.shape
     m = t_block(t_embedder(t))  # [b, n_t, 3h]
     m = m.view(b, n_t, 3, -1).transpose(0, 1)  # [n_t, b, 3, h]
-    if n_t == 1:
+    if n_t == 1 or seq_slice is None:
         return m
-    m = m.repeat_interleave(tokens // n_t, dim=0)  # [s, b, 3, h]
-    return m[seq_slice] if seq_slice is not None else m
+    per = tokens // n_t
+    if seq_slice.start % per == 0 and seq_slice.stop % per == 0:
+        return m[seq_slice.start // per: seq_slice.stop // per]
+    return m.repeat_interleave(per, dim=0)[seq_slice]  # [s/tp, b, 3, h]
 
 
 def layer_modulation(shared: torch.Tensor, table: torch.Tensor) -> Modulation:
-    """Shared ``[s or 1, b, 3, h]`` + this layer's table ``[3, h]`` -> ``Modulation``."""
+    """Shared ``[n, b, 3, h]`` + this layer's table ``[3, h]`` -> ``Modulation`` (``[n, b, h]`` each)."""
     shift, scale, gate = (shared + table).unbind(dim=2)
     return Modulation(shift, scale, gate)

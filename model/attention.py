@@ -15,18 +15,32 @@ groups. Nemotron-H has no RoPE: order comes from the Mamba layers.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from twotower.model.core_attention import MaskSpec, build_core_attention
 
 
+@dataclass
+class SelfAttentionSubmodules:
+    """The attention's linear layers (``specs.py``: megatron's tensor-parallel linears, or TE's with
+    the layer's pre-norm fused into ``linear_qkv``)."""
+
+    linear_qkv: type | ModuleSpec = ColumnParallelLinear
+    linear_proj: type | ModuleSpec = RowParallelLinear
+
+
 class SelfAttention(MegatronModule):
-    def __init__(self, config: TransformerConfig, layer_number: int, attention_backend: str = "auto"):
+    def __init__(self, config: TransformerConfig, layer_number: int, attention_backend: str = "auto",
+                 submodules: SelfAttentionSubmodules | None = None):
         super().__init__(config)
+        submodules = submodules or SelfAttentionSubmodules()
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.layer_number = layer_number
         self.head_dim = config.kv_channels
@@ -34,16 +48,16 @@ class SelfAttention(MegatronModule):
         self.groups_local = config.num_query_groups // tp
         self.heads_local = config.num_attention_heads // tp
         qkv_out = (config.num_attention_heads + 2 * config.num_query_groups) * self.head_dim
-        self.linear_qkv = ColumnParallelLinear(
-            config.hidden_size, qkv_out, config=config, init_method=config.init_method,
-            gather_output=False, bias=False, skip_bias_add=False, is_expert=False,
+        self.linear_qkv = build_module(
+            submodules.linear_qkv, config.hidden_size, qkv_out, config=config, init_method=config.init_method,
+            gather_output=False, bias=False, skip_bias_add=False, is_expert=False, tp_comm_buffer_name="qkv",
         )
-        self.linear_proj = RowParallelLinear(
-            config.num_attention_heads * self.head_dim, config.hidden_size, config=config,
+        self.linear_proj = build_module(
+            submodules.linear_proj, config.num_attention_heads * self.head_dim, config.hidden_size, config=config,
             init_method=config.output_layer_init_method, bias=False, input_is_parallel=True,
-            skip_bias_add=True, is_expert=False,
+            skip_bias_add=True, is_expert=False, tp_comm_buffer_name="proj",
         )
-        self.core_attention = build_core_attention(attention_backend)
+        self.core_attention = build_core_attention(attention_backend)  # no parameters or buffers
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x [s(/tp), b, h]`` -> ``q [b, nh_l, s, d]``, ``k, v [b, ng_l, s, d]``."""

@@ -21,9 +21,12 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
-from twotower.model.config import BackboneConfig, ParallelConfig, to_transformer_config
-from twotower.model.layers import HybridLayer, HybridLayerSpecs, get_hybrid_layer_specs
+from twotower.model.config import BackboneConfig, ParallelConfig
+from twotower.model.device import building_on, resolve_device
+from twotower.model.layers import HybridLayer
 from twotower.model.norm import RMSNorm
+from twotower.model.specs import HybridLayerSpecs, get_hybrid_layer_specs
+from twotower.model.transformer_config import to_transformer_config
 
 
 class NemotronHModel(MegatronModule):
@@ -35,23 +38,28 @@ class NemotronHModel(MegatronModule):
         pre_process: bool = True,
         post_process: bool = True,
         layer_range: tuple[int, int] | None = None,
+        device: torch.device | str | None = None,
     ):
         super().__init__(config)
         self.backbone = backbone
         self.pre_process, self.post_process = pre_process, post_process
         start, end = layer_range or (0, backbone.num_layers)
         self.layer_offset = start
+        self.defer_id_check = False
+        # Out-of-range ids seen with defer_id_check (a device counter; not part of the checkpoint).
+        self.register_buffer("bad_id_count", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         if pre_process:
             self.embedding = LanguageModelEmbedding(
                 config, vocab_size=backbone.vocab_size, max_sequence_length=1, position_embedding_type="none",
             )
         self.layers = nn.ModuleList(
-            HybridLayer(config, specs.for_symbol(sym), sym, layer_number=start + i + 1)
+            HybridLayer(config, specs, sym, layer_number=start + i + 1, device=device)
             for i, sym in enumerate(backbone.pattern[start:end])
         )
         if post_process:
             self.final_norm = RMSNorm(backbone.hidden_size, eps=backbone.norm_eps,
-                                      sequence_parallel=config.sequence_parallel)
+                                      sequence_parallel=config.sequence_parallel, device=device,
+                                      dtype=config.params_dtype)
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 backbone.hidden_size, backbone.vocab_size, config=config, init_method=config.init_method,
                 bias=False, skip_bias_add=False, gather_output=False,
@@ -70,17 +78,33 @@ class NemotronHModel(MegatronModule):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[b, s]`` ids -> ``[s(/tp), b, h]`` (scattered along the sequence under SP)."""
-        self.check_ids(input_ids)
-        return self.embedding(input_ids=input_ids, position_ids=None)
+        return self.embedding(input_ids=self.check_ids(input_ids), position_ids=None)
 
-    def check_ids(self, input_ids: torch.Tensor) -> None:
+    def check_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Ids must lie in ``[0, vocab_size)``. With ``defer_id_check`` (the trainer on CUDA) the check
+        is a device-side count (no host sync in the step: it would stall 1F1B pipelines), read by
+        :meth:`take_bad_id_count` at log intervals, and bad ids embed as id 0 meanwhile; otherwise
+        it raises at once."""
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"input_ids must be int64/int32, got {input_ids.dtype}")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.backbone.vocab_size):
+        if not input_ids.numel():
+            return input_ids
+        if self.defer_id_check:
+            bad = (input_ids < 0) | (input_ids >= self.backbone.vocab_size)
+            self.bad_id_count += bad.sum()
+            return input_ids.masked_fill(bad, 0)
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.backbone.vocab_size:
             raise ValueError(
                 f"input_ids out of range: min {int(input_ids.min())}, max {int(input_ids.max())}, "
                 f"model.vocab_size={self.backbone.vocab_size}"
             )
+        return input_ids
+
+    def take_bad_id_count(self) -> int:
+        """Out-of-range ids seen since the last call (one host read), and reset the count."""
+        n = int(self.bad_id_count)
+        self.bad_id_count.zero_()
+        return n
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[s(/tp), b, h]`` -> vocab-parallel logits ``[s, b, vocab/tp]`` (final norm included)."""
@@ -135,15 +159,20 @@ def build_backbone(
     parallel: ParallelConfig | None = None,
     *,
     params_dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
     pre_process: bool = True,
     post_process: bool = True,
     layer_range: tuple[int, int] | None = None,
     **config_overrides,
 ) -> NemotronHModel:
-    """Build one backbone tower on the current megatron parallel state (validates first)."""
+    """Build one backbone tower on the current megatron parallel state (validates first).
+
+    Every parameter and buffer is created on ``device`` (default: this rank's CUDA device, else the
+    CPU; ``meta`` builds the structure without memory) in ``params_dtype``."""
     parallel = parallel or ParallelConfig()
-    config = to_transformer_config(backbone, parallel, params_dtype=params_dtype, **config_overrides)
+    device = resolve_device(device)
+    config = to_transformer_config(backbone, parallel, params_dtype=params_dtype, device=device, **config_overrides)
     specs = get_hybrid_layer_specs(backbone, parallel)
-    model = NemotronHModel(config, backbone, specs, pre_process=pre_process, post_process=post_process,
-                           layer_range=layer_range)
-    return model.to(params_dtype) if params_dtype != torch.float32 else model
+    with building_on(device):
+        return NemotronHModel(config, backbone, specs, pre_process=pre_process, post_process=post_process,
+                              layer_range=layer_range, device=device)

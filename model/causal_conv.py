@@ -11,22 +11,25 @@ block by block, each primed with the previous block's state, equals one scan. ``
 returns that state at every block end ``(j+1) S - 1`` as strided windows of the padded input
 (a view, so differentiable and free).
 
-Backends: ``torch`` (``F.conv1d`` with ``groups=d`` on the input left-padded by the initial
-state) and ``causal_conv1d`` (Dao-AILab CUDA kernel, widths 2..4, CUDA tensors). States are
+Backends (``backend`` = ``parallel.ssm_backend``, resolved per call by ``kernels.select``): ``torch``
+(``F.conv1d`` with ``groups=d`` on the input left-padded by the initial state) and ``mamba_ssm``
+(the kernel family: Dao-AILab's causal-conv1d CUDA kernel, widths 2..4, CUDA tensors, stride rules in
+``kernels.conv_limits``; ``auto`` falls back to torch where it cannot take the call). States are
 always sliced in torch: they are plain copies of inputs, so the kernel's own final-state output
 (with its extra layout constraints) is not needed.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from twotower.model import kernels
+from twotower.model.kernels import conv_limits
 
 _ACTIVATIONS: dict[str | None, Callable[[Tensor], Tensor]] = {
     None: lambda t: t, "silu": F.silu, "swish": F.silu,
@@ -71,38 +74,10 @@ def _conv_cuda(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str |
     return causal_conv1d_fn(x, weight, bias, initial_states=initial_state, activation=activation)
 
 
-@functools.cache
-def _has_module(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
-
-
-_BACKENDS: dict[str, Callable[..., Tensor]] = {"torch": _conv_torch, "causal_conv1d": _conv_cuda}
-
-
-def cuda_kernel_supports(is_cuda: bool, width: int, activation: str | None, channels: int,
-                         channel_last: bool) -> str | None:
-    """Why causal-conv1d cannot run this call (None: it can). With initial states the kernel
-    runs channel-last and needs the channel stride (= the channel count) to be a multiple of 8."""
-    if not (is_cuda and _has_module("causal_conv1d")):
-        return "needs the causal_conv1d package and CUDA tensors"
-    if not 2 <= width <= 4 or activation not in (None, "silu", "swish"):
-        return f"supports widths 2..4 and silu/None (got width {width}, {activation!r})"
-    if channel_last and channels % 8:
-        return f"with initial states needs channels % 8 == 0 (got {channels})"
-    return None
-
-
-def _select_backend(backend: str, x: Tensor, weight: Tensor, activation: str | None,
-                    channel_last: bool) -> Callable[..., Tensor]:
-    """Resolve once per call; 'auto' takes the CUDA kernel only where it supports the call."""
-    why_not = cuda_kernel_supports(x.is_cuda, weight.shape[1], activation, x.shape[1], channel_last)
-    if backend == "auto":
-        backend = "causal_conv1d" if why_not is None else "torch"
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown conv backend {backend!r}; choose from auto, {', '.join(_BACKENDS)}")
-    if backend == "causal_conv1d" and why_not is not None:
-        raise RuntimeError(f"backend='causal_conv1d' {why_not}")
-    return _BACKENDS[backend]
+def _kernel_strides(x: Tensor, initial_state: Tensor | None) -> tuple[int, ...]:
+    """Strides of the tensor :func:`_conv_cuda` hands the kernel (channel-last copy with states)."""
+    _, d, l = x.shape
+    return (l * d, 1, d) if initial_state is not None else tuple(x.stride())
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
@@ -125,7 +100,8 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
         raise ValueError(f"activation must be one of {list(_ACTIVATIONS)}, got {activation!r}")
     if state_every is not None and (state_every <= 0 or l % state_every):
         raise ValueError(f"sequence length {l} must be a positive multiple of state_every={state_every}")
-    impl = _select_backend(backend, x, weight, activation, channel_last=initial_state is not None)
+    limits = conv_limits(tuple(x.shape), _kernel_strides(x, initial_state), k, activation)
+    impl = _conv_cuda if kernels.select("conv", backend, x, limits) == "kernel" else _conv_torch
     y = impl(x, weight, bias, activation, initial_state)
 
     final = boundary = None

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 #: The hybrid pattern alphabet (megatron's ``hybrid_override_pattern``; HF ``layers_block_type``).
 LAYER_SYMBOLS = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
 #: HF ``layers_block_type`` names per symbol (``mamba`` is the legacy HF name of ``linear_attention``).
@@ -301,20 +299,45 @@ class ParallelConfig:
     """Shard norms/residuals along the sequence under TP (required with MoE when tp > 1)."""
     moe_token_dispatcher: str = "alltoall"
     """megatron-core MoE token dispatcher."""
+    transformer_impl: str = "auto"
+    """Linear/norm/expert modules: ``local`` (megatron's tensor-parallel layers) or
+    ``transformer_engine`` (TE linears with the M/* pre-norm fused, grouped-GEMM experts);
+    ``auto``: TE when it imports and CUDA is present (``model/backends.py``)."""
     attention_backend: str = "auto"
     """Core attention: FlexAttention block masks or dense-mask SDPA; ``auto`` picks flex on CUDA."""
     ssm_backend: str = "auto"
-    """Mamba-2 scan kernels: mamba-ssm's Triton kernels on CUDA when installed, else pure PyTorch."""
+    """Mamba-2 scan and conv kernels: ``mamba_ssm`` (mamba-ssm + causal-conv1d, CUDA) or ``torch``;
+    ``auto``: the kernels on CUDA when installed, per call where they support the inputs."""
+    fusions: bool = True
+    """megatron's fused kernels on CUDA (TE weight-gradient accumulation into main_grad, fused MoE
+    permute); always off on CPU."""
+    overlap_grad_reduce: bool = True
+    """Overlap the data-parallel gradient reduce(-scatter) with the backward (CUDA only)."""
+    overlap_param_gather: bool = True
+    """Overlap the distributed optimizer's parameter all-gather with the next forward (CUDA only;
+    needs optim.distributed_optimizer)."""
+    timeout_s: int = 1800
+    """Collective timeout in seconds (NCCL's 600 s default is short at 512 ranks: the first collective
+    waits for the slowest rank's start-up and a checkpoint save)."""
 
     def __post_init__(self) -> None:
-        _positive(self, "tp", "ep", "pp", prefix="parallel")
-        for name, allowed in (("attention_backend", ("auto", "sdpa", "flex")),
-                              ("ssm_backend", ("auto", "torch", "mamba_ssm"))):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"parallel.{name}={getattr(self, name)!r}: use one of {allowed}")
+        from twotower.model.backends import check_choice
+
+        _positive(self, "tp", "ep", "pp", "timeout_s", prefix="parallel")
+        for name in ("transformer_impl", "attention_backend", "ssm_backend"):
+            why = check_choice(name, getattr(self, name))
+            if why:
+                raise ConfigError(why)
         if self.moe_token_dispatcher not in ("allgather", "alltoall"):
             raise ConfigError(f"parallel.moe_token_dispatcher={self.moe_token_dispatcher!r}: "
                               "use 'allgather' or 'alltoall'")
+
+    def check_host(self) -> None:
+        """Refuse backends this host cannot run (e.g. ``transformer_engine`` without TE), naming the
+        key and what is installed. Called where the training runs, not where a job is submitted."""
+        from twotower.model.backends import check_available
+
+        check_available(self.transformer_impl, self.attention_backend, self.ssm_backend)
 
     def data_parallel_size(self, world_size: int) -> int:
         model_parallel = self.tp * self.pp
@@ -326,75 +349,6 @@ class ParallelConfig:
             raise ConfigError(f"parallel.ep={self.ep} must divide data-parallel x tensor-parallel size "
                               f"{dp} x {self.tp} (world size {world_size})")
         return dp
-
-
-def to_transformer_config(model: BackboneConfig, parallel: ParallelConfig, *,
-                          params_dtype: torch.dtype = torch.float32, **overrides: Any):
-    """The megatron-core ``TransformerConfig`` for this backbone and layout.
-
-    Megatron sees a plain GPT-like config; the Nemotron-H specifics (Mamba, pattern) live in our
-    modules. ``overrides`` go straight into TransformerConfig (e.g. ``recompute_granularity``).
-    """
-    from megatron.core.activations import squared_relu
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    model.validate_parallel(parallel)
-    has_moe = "E" in model.pattern
-    kwargs: dict[str, Any] = dict(
-        num_layers=model.num_layers,
-        hidden_size=model.hidden_size,
-        num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.num_query_groups,
-        kv_channels=model.head_dim,
-        ffn_hidden_size=model.ffn_hidden_size,
-        normalization="RMSNorm",
-        layernorm_epsilon=model.norm_eps,
-        add_bias_linear=False,  # Nemotron-H has none; megatron's expert MLPs with bias also hit a view bug
-        gated_linear_unit=False,
-        activation_func=squared_relu,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        init_method_std=model.init_method_std,
-        params_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        fp16=params_dtype == torch.float16,
-        pipeline_dtype=params_dtype,  # dtype of the tensors pipeline stages exchange
-        tensor_model_parallel_size=parallel.tp,
-        pipeline_model_parallel_size=parallel.pp,
-        # Without this megatron silently treats expert params as DP-replicated.
-        expert_model_parallel_size=parallel.ep,
-        expert_tensor_parallel_size=1,
-        sequence_parallel=parallel.sequence_parallel and parallel.tp > 1,
-        # CPU: allocate on the host and initialise the full matrix before splitting it (the
-        # same init for every TP size). GPU: megatron's per-rank init on the device.
-        use_cpu_initialization=not torch.cuda.is_available(),
-        persist_layer_norm=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
-    )
-    if has_moe:
-        kwargs.update(
-            num_moe_experts=model.num_experts,
-            moe_router_topk=model.moe_topk,
-            moe_ffn_hidden_size=model.moe_ffn_hidden_size,
-            moe_shared_expert_intermediate_size=model.moe_shared_expert_intermediate_size,
-            moe_router_score_function="sigmoid",
-            moe_router_enable_expert_bias=model.moe_router_expert_bias,
-            moe_router_bias_update_rate=model.moe_router_bias_update_rate,
-            moe_router_topk_scaling_factor=model.moe_routed_scaling_factor,
-            moe_router_dtype=model.moe_router_dtype,
-            moe_router_load_balancing_type="none",
-            moe_aux_loss_coeff=0.0,
-            moe_token_dispatcher_type=parallel.moe_token_dispatcher,
-            moe_grouped_gemm=False,
-            moe_permute_fusion=False,
-            moe_router_fusion=False,
-        )
-    kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
 
 
 def backbone_config_from_dict(d: dict[str, Any]) -> BackboneConfig:
@@ -430,5 +384,4 @@ __all__ = [
     "ConfigError",
     "ParallelConfig",
     "backbone_config_from_dict",
-    "to_transformer_config",
 ]

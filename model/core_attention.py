@@ -88,9 +88,11 @@ class MaskSpec:
         return ctx | own
 
     def mask_mod(self):
-        """The same rule as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)``."""
+        """The same rule as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)``. The causal offset is a
+        0-d tensor, not a Python int: a compiled FlexAttention then sees it as an input and does not
+        recompile for every decoding offset."""
         if self.kind == "causal":
-            off = self.offset
+            off = torch.tensor(self.offset, dtype=torch.int64)
 
             def causal(b, h, q, kv):
                 return kv <= q + off
@@ -152,7 +154,12 @@ class SDPACoreAttention:
 
 class FlexCoreAttention:
     """FlexAttention with a sparse ``BlockMask``: skips fully-masked tiles (the block-diffusion
-    mask is ~75% empty at long L). Compiled on CUDA; eager (correct but slow) on CPU."""
+    mask is ~75% empty at long L). Compiled on CUDA; eager (correct but slow) on CPU.
+
+    Compiled once, with dynamic shapes: decoding calls it with a new key length every block (and
+    a new causal offset, a tensor inside the mask, see ``MaskSpec.mask_mod``); a static compile
+    would recompile for every (offset, length) pair. ``full`` masks (a decoding block over its
+    prefix) need no block mask at all."""
 
     name = "flex"
 
@@ -160,10 +167,12 @@ class FlexCoreAttention:
         from torch.nn.attention.flex_attention import flex_attention
 
         self._compile = torch.cuda.is_available() if compile is None else compile
-        self._fn = torch.compile(flex_attention, dynamic=False) if self._compile else flex_attention
+        self._fn = torch.compile(flex_attention, dynamic=True) if self._compile else flex_attention
 
     def __call__(self, q, k, v, mask: MaskSpec) -> torch.Tensor:
-        block_mask = _cached_block_mask(mask, q.shape[-2], k.shape[-2], q.device)
+        block_mask = None
+        if mask.kind != "full":
+            block_mask = _cached_block_mask(mask, q.shape[-2], k.shape[-2], q.device)
         gqa = q.shape[1] != k.shape[1]
         return self._fn(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
@@ -210,11 +219,7 @@ def _cached_block_mask(mask: MaskSpec, sq: int, sk: int, device: torch.device):
     from torch.nn.attention.flex_attention import create_block_mask
 
     _check_len(mask, sq, sk)
-    mod = mask.mask_mod()
-    if mod is None:
-        def mod(b, h, q, kv):
-            return q >= 0
-    return create_block_mask(mod, B=None, H=None, Q_LEN=sq, KV_LEN=sk, device=str(device))
+    return create_block_mask(mask.mask_mod(), B=None, H=None, Q_LEN=sq, KV_LEN=sk, device=str(device))
 
 
 def _check_len(mask: MaskSpec, sq: int, sk: int) -> None:

@@ -11,7 +11,8 @@ Stage: the ``M`` layers of the hybrid stack. Input ``x: [s(/tp), b, h]``. Output
 Maths (Mamba-2, Dao & Gu 2024): ``[z, xBC, dt] = in_proj(x)``; ``xBC = silu(conv1d(xBC))``;
 ``y = SSD(x, dt, A, B, C) + D x``; ``out = out_proj(gated_rmsnorm(y, z))``.
 
-Tensor parallelism: ``in_proj`` is one ``ColumnParallelLinear`` whose *rank-local* output is
+Tensor parallelism: ``in_proj`` is one column-parallel linear (a spec submodule: megatron's, or TE's
+with the pre-norm fused in) whose *rank-local* output is
 laid out ``[z_r ; x_r ; B_r ; C_r ; dt_r]`` (each component's r-th slice), so one GEMM serves
 all components and no rank ever needs another's heads. The HF importer
 (``hf_import.py``) builds that layout from the full ``[z ; x ; B ; C ; dt]`` weight.
@@ -27,6 +28,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
@@ -51,10 +53,21 @@ class MambaStates:
     conv_final: torch.Tensor | None = None
 
 
+@dataclass
+class MambaMixerSubmodules:
+    """The mixer's linear layers (``specs.py`` chooses them: megatron's tensor-parallel linears, or
+    TE's with the layer's pre-norm fused into ``in_proj``)."""
+
+    in_proj: type | ModuleSpec = ColumnParallelLinear
+    out_proj: type | ModuleSpec = RowParallelLinear
+
+
 class MambaMixer(MegatronModule):
     def __init__(self, config: TransformerConfig, layer_number: int, backbone: BackboneConfig,
-                 ssm_backend: str = "auto"):
+                 ssm_backend: str = "auto", submodules: MambaMixerSubmodules | None = None,
+                 device: torch.device | str | None = None):
         super().__init__(config)
+        submodules = submodules or MambaMixerSubmodules()
         tp = parallel_state.get_tensor_model_parallel_world_size()
         bb = backbone
         self.layer_number = layer_number
@@ -69,26 +82,30 @@ class MambaMixer(MegatronModule):
         self.conv_dim_local = self.d_inner_local + 2 * self.bc_local
 
         proj_out = 2 * bb.mamba_d_inner + 2 * bb.mamba_num_groups * bb.mamba_state_dim + bb.mamba_num_heads
-        self.in_proj = ColumnParallelLinear(
-            bb.hidden_size, proj_out, config=config, init_method=config.init_method,
-            gather_output=False, bias=False, skip_bias_add=False, is_expert=False,
+        self.in_proj = build_module(
+            submodules.in_proj, bb.hidden_size, proj_out, config=config, init_method=config.init_method,
+            gather_output=False, bias=False, skip_bias_add=False, is_expert=False, tp_comm_buffer_name="fc1",
         )
+        # Our own parameters are created on `device` and in the config's dtype (megatron's linears
+        # follow the builder's device context and params_dtype): no module-wide .to() afterwards.
+        f = {"device": device, "dtype": config.params_dtype}
         # Depthwise causal conv over [x ; B ; C] channels: weight [conv_l, k], TP-split on dim 0.
-        self.conv1d_weight = nn.Parameter(torch.empty(self.conv_dim_local, self.kernel))
-        self.conv1d_bias = nn.Parameter(torch.zeros(self.conv_dim_local)) if bb.mamba_conv_bias else None
+        self.conv1d_weight = nn.Parameter(torch.empty(self.conv_dim_local, self.kernel, **f))
+        self.conv1d_bias = nn.Parameter(torch.zeros(self.conv_dim_local, **f)) if bb.mamba_conv_bias else None
         # Per-head SSM parameters; A = -exp(A_log) keeps the decay in (0, 1).
-        self.A_log = nn.Parameter(torch.empty(self.heads_local))
-        self.D = nn.Parameter(torch.ones(self.heads_local))
-        self.dt_bias = nn.Parameter(torch.empty(self.heads_local))
+        self.A_log = nn.Parameter(torch.empty(self.heads_local, **f))
+        self.D = nn.Parameter(torch.ones(self.heads_local, **f))
+        self.dt_bias = nn.Parameter(torch.empty(self.heads_local, **f))
         for p in (self.conv1d_weight, self.conv1d_bias, self.A_log, self.D, self.dt_bias):
             if p is not None:
                 set_tensor_model_parallel_attributes(p, is_parallel=True, dim=0, stride=1)
         self.norm = GatedRMSNorm(self.d_inner_local, group_size=bb.mamba_d_inner // bb.mamba_num_groups,
-                                 eps=bb.norm_eps)
+                                 eps=bb.norm_eps, **f)
         set_tensor_model_parallel_attributes(self.norm.weight, is_parallel=True, dim=0, stride=1)
-        self.out_proj = RowParallelLinear(
-            bb.mamba_d_inner, bb.hidden_size, config=config, init_method=config.output_layer_init_method,
-            bias=False, input_is_parallel=True, skip_bias_add=True, is_expert=False,
+        self.out_proj = build_module(
+            submodules.out_proj, bb.mamba_d_inner, bb.hidden_size, config=config,
+            init_method=config.output_layer_init_method, bias=False, input_is_parallel=True, skip_bias_add=True,
+            is_expert=False, tp_comm_buffer_name="fc2",
         )
         self.reset_ssm_parameters()
 
@@ -147,10 +164,13 @@ class MambaMixer(MegatronModule):
         block_wise = block_wise or block_size is not None
         if block_wise:  # seeded states reach O(1e3) over long contexts: a bf16 scan overflows
             xs, dt, B, C = xs.float(), dt.float(), B.float(), C.float()
+        # A denoiser block (or a decoded block) is one short sequence: scan it as ONE chunk of its
+        # own length (the release's training: chunk = block size) instead of padding it to 128.
+        chunk = min(self.chunk_size, s) if block_wise else self.chunk_size
         ssd = ssd_chunk_scan(
             xs.reshape(b, s, self.heads_local, self.head_dim), dt,
             A, B.reshape(b, s, self.groups_local, self.state_dim), C.reshape(b, s, self.groups_local, self.state_dim),
-            chunk_size=self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
+            chunk_size=chunk, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
             dt_limit=(0.0, float("inf")) if block_wise else self.dt_limit,
             initial_states=initial_ssm_state, state_every=state_every,
             return_final_state=return_final_state, backend=self.ssm_backend,

@@ -1,19 +1,23 @@
 """CPU runtime layer for megatron-core: run megatron 0.16.x on a CPU-only torch build with gloo.
 
-Call :func:`apply` **before megatron is imported** (``import twotower.model`` does it for you:
-``model/__init__.py`` calls it). Megatron binds some torch names at import time (e.g.
+Nothing is patched on import: the entry points (``twotower-train``/``-generate``/``-convert``/``-demo``,
+the tests' ``conftest.py``, the benchmarks) call :func:`apply` explicitly, first thing, and
+:func:`twotower.model.parallel_init.init_parallel` calls it again (idempotent) so that no megatron
+world is ever built on a CPU host without it. A test (``tests/model/test_import_hygiene.py``) checks in
+a fresh interpreter that importing every twotower package leaves torch untouched. Call it **before
+megatron is imported** where you can. Megatron binds some torch names at import time (e.g.
 ``from torch.cuda import _lazy_call`` in ``tensor_parallel.random``) and runs CUDA probes in module
 code, so the supported order is "apply first"; ``apply()`` then imports the megatron modules it fixes
 itself (importing ``twotower.model`` therefore imports megatron, ~4 s). All current patches are looked
 up at call time, so a late ``apply()`` still works, but do not rely on it. ``apply()`` is idempotent.
 
-Two kinds of patches:
+The CPU patches (skipped entirely when ``torch.cuda.is_available()``) make megatron's hard-wired
+CUDA calls land on the CPU device:
 
-CPU-only (skipped entirely when ``torch.cuda.is_available()``): they make megatron's hard-wired CUDA
-calls land on the CPU device.
-
-1. ``torch.cuda.current_device()`` -> ``torch.device('cpu')``: ~175 megatron call sites allocate with
-   ``device=torch.cuda.current_device()`` (grad buffers, optimizer shards, p2p buffers).
+1. ``torch.cuda.current_device()`` -> torch's default device (the CPU, or the device of an active
+   ``with torch.device(...)`` context: a model built on ``meta`` gets megatron's buffers there too):
+   ~175 megatron call sites allocate with ``device=torch.cuda.current_device()`` (grad buffers,
+   optimizer shards, p2p buffers, the MoE router's buffers).
 2. CUDA streams/events: ``torch.cuda.Stream/Event/current_stream/default_stream/stream/synchronize``
    become no-op stand-ins (CPU ops are synchronous): the MoE alltoall dispatcher's DtoH stream,
    pipeline p2p and checkpoint save call them unconditionally.
@@ -38,29 +42,8 @@ calls land on the CPU device.
    lists when they are CUDA tensors; on CPU they reach ``all_to_all_single`` as tensors and gloo/c10d
    needs ``list[int]``. ``tensor_parallel.mappings._AllToAll.forward`` converts them.
 
-Megatron bug fixes (applied on CUDA too; guarded by megatron version, see ``_BUGFIX_MCORE``):
-
-7. ``te_general_gemm`` unbound: ``moe_utils`` imports it only inside ``try: import transformer_engine``
-   but ``RouterGatingLinearFunction.forward`` tests ``te_general_gemm is not None`` unconditionally,
-   a ``NameError`` in the MoE router without TE. We define it as ``None`` when missing.
-8. ``DistributedOptimizer`` + torch Adam (no apex/TE FusedAdam: CPU, or a GPU run without TE), found
-   by save -> load -> continue != uninterrupted training (tests/model/dist/distopt_resume.py):
-   (a) ``load_state_dict`` puts ONE ``step`` tensor object into every param's state; torch Adam
-   increments ``state['step']`` in place per param, so after a resume the step advances by #params
-   per iteration and Adam's bias correction is silently wrong (``fully_reshardable``);
-   (b) with ``dp_reshardable`` it then ``copy_()``s each param's *dummy* step (step is not stored in
-   the checkpoint) into that tensor: the step restarts at 0 (or 1);
-   (c) ``_set_main_param_and_optimizer_states`` copies every key of the live torch state, but the
-   ``fully_reshardable``/``fully_sharded_model_space`` loaders drop ``step``: ``KeyError: 'step'``;
-   (d) the ``dp_reshardable`` loader lacks ``@torch.no_grad()``: for fp32 params the main param is a
-   view of a leaf requiring grad and ``copy_()`` raises;
-   (e) ``state_dict()`` (called by ``sharded_state_dict(is_loading=True)``) needs initialised torch
-   states (``assert len(steps) == 1``) on a fresh optimizer; we initialise them (zero state, step 0,
-   weights untouched), see :func:`init_optimizer_states`.
-   Fix: every param gets its own ``step`` tensor = the checkpoint's ``param_groups`` step, plus (c)-(e).
-   Works with ``metadata={'distrib_optim_sharding_type': 'dp_reshardable' | 'fully_reshardable'}``;
-   megatron's default ``fully_sharded_model_space`` fails in megatron itself on this version
-   ("ShardedTensor.flattened_range is not supported"), pass one of the two explicitly.
+Megatron bug fixes (te_general_gemm unbound without TE; the DistributedOptimizer's Adam ``step`` on
+resume) apply on CUDA too and live in :mod:`twotower.model.megatron_fixes`; :func:`apply` applies them.
 
 Every patch asserts the attribute it replaces exists, so a torch / megatron upgrade fails loudly.
 """
@@ -69,30 +52,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
-from datetime import timedelta
 from typing import Any
 
 import torch
 
-__all__ = [
-    "CPU_ONLY",
-    "CpuEvent",
-    "CpuStream",
-    "applied_patches",
-    "apply",
-    "destroy_parallel",
-    "free_port",
-    "init_optimizer_states",
-    "init_parallel",
-]
+__all__ = ["CPU_ONLY", "CpuEvent", "CpuStream", "applied_patches", "apply"]
 
 CPU_ONLY = not torch.cuda.is_available()
-#: megatron-core versions every patch was verified on; apply() raises on others (fail loudly).
-_BUGFIX_MCORE = ("0.16.",)
 
 _APPLIED: list[str] = []
-_ENV_SET: dict[str, str | None] = {}  # env vars init_parallel() set (restored by destroy_parallel)
 _ORIG: dict[str, Any] = {}
 _CPU = torch.device("cpu")
 
@@ -115,7 +83,20 @@ def _replace(owner: Any, name: str, new: Any, key: str | None = None) -> None:
 # 1. current_device
 # --------------------------------------------------------------------------------------------------
 def _patch_current_device() -> None:
-    _replace(torch.cuda, "current_device", lambda: _CPU)
+    from torch import overrides
+    from torch.utils import _device
+
+    assert hasattr(overrides, "_get_current_function_mode_stack") and hasattr(_device, "DeviceContext"), (
+        "megatron_cpu: torch's DeviceContext internals moved (torch upgrade?)")
+
+    def current_device() -> torch.device:
+        # torch.get_default_device() without its per-call tensor allocation (megatron asks often)
+        for mode in reversed(overrides._get_current_function_mode_stack()):
+            if isinstance(mode, _device.DeviceContext):
+                return mode.device
+        return _CPU
+
+    _replace(torch.cuda, "current_device", current_device)
     _APPLIED.append("current_device")
 
 
@@ -237,6 +218,12 @@ def _tensor_cuda(self: torch.Tensor, device: Any = None, non_blocking: bool = Fa
 
 def _patch_device_literals() -> None:
     from torch.jit import _builtins
+    from torch.utils import _device
+
+    # `with torch.device(d):` (DeviceContext) recognises factories by identity in a cached set built
+    # on first use: build it from the original functions (our wrappers call them, so a meta or CPU
+    # build context still reaches every megatron allocation).
+    _device._device_constructors()
 
     for name in _FACTORIES:
         orig = getattr(torch, name)
@@ -322,141 +309,19 @@ def _patch_all_to_all() -> None:
     _APPLIED.append("all_to_all_splits")
 
 
-# --------------------------------------------------------------------------------------------------
-# 7. te_general_gemm unbound without TE (megatron bug)
-# --------------------------------------------------------------------------------------------------
-def _fix_te_general_gemm() -> None:
-    from megatron.core.transformer.moe import moe_utils
-
-    assert hasattr(moe_utils, "RouterGatingLinearFunction"), "megatron_cpu: RouterGatingLinearFunction moved"
-    uses = "te_general_gemm" in moe_utils.RouterGatingLinearFunction.forward.__code__.co_names
-    if uses and not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-        _APPLIED.append("te_general_gemm")
-
-
-# --------------------------------------------------------------------------------------------------
-# 8. DistributedOptimizer 'step' with torch Adam (megatron bug)
-# --------------------------------------------------------------------------------------------------
-def _fix_distopt_step() -> None:
-    from megatron.core.optimizer import distrib_optimizer as dopt
-
-    cls = dopt.DistributedOptimizer
-    assert hasattr(dopt, "HAVE_APEX_OR_TE"), "megatron_cpu: distrib_optimizer.HAVE_APEX_OR_TE gone"
-    if dopt.HAVE_APEX_OR_TE:
-        return  # FusedAdam keeps 'step' in param_groups: the bug is on the torch-Adam path only
-    orig_load = cls.load_state_dict
-    orig_state = cls.state_dict
-
-    @functools.wraps(orig_load)
-    def load_state_dict(self, state_dict):
-        groups = state_dict.get("optimizer", {}).get("param_groups", [])
-        steps = {g["step"] for g in groups if g.get("step") is not None}
-        assert len(steps) <= 1, f"megatron_cpu: inconsistent optimizer steps in checkpoint: {steps}"
-        orig_load(self, state_dict)
-        if not steps:
-            return
-        step = float(steps.pop())
-        # (a) megatron put ONE step tensor into every param state (torch Adam increments it in place
-        # per param), and (b) dp_reshardable then copy_()s each param's *dummy* step (not stored in
-        # the checkpoint) into it. The checkpoint's param_groups step is the real one: give every
-        # param its own tensor with that value.
-        for state in self.optimizer.state.values():
-            old = state.get("step")
-            if isinstance(old, torch.Tensor):
-                state["step"] = torch.tensor(step, dtype=old.dtype, device=old.device)
-
-    @functools.wraps(orig_state)
-    def state_dict(self):
-        # (e) megatron reads s['step'] of every torch state and asserts there is exactly one value.
-        states = self.optimizer.state
-        if not states or any("step" not in s for s in states.values()):
-            init_optimizer_states(self)
-        return orig_state(self)
-
-    orig_set = cls._set_main_param_and_optimizer_states
-
-    @functools.wraps(orig_set)
-    def _set_main_param_and_optimizer_states(self, model_param, tensors):
-        # (c) it copies into EVERY key of the param's torch state, 'step' included, but the
-        # fully_reshardable / fs_model_space loaders drop 'step' from `tensors`: KeyError: 'step'.
-        # Keep the current step (load_state_dict below sets the real one from param_groups).
-        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-            group_index, group_order = self.model_param_group_index_map[model_param]
-            state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
-            if "step" in state:
-                tensors = {**tensors, "step": state["step"].clone()}
-        # (d) the dp_reshardable loader lacks @torch.no_grad(): for fp32 params the main param is a
-        # view of a leaf that requires grad and copy_() raises.
-        with torch.no_grad():
-            return orig_set(self, model_param, tensors)
-
-    _replace(
-        cls,
-        "_set_main_param_and_optimizer_states",
-        _set_main_param_and_optimizer_states,
-        key="mcore.DistributedOptimizer._set_main_param_and_optimizer_states",
-    )
-    _replace(cls, "load_state_dict", load_state_dict, key="mcore.DistributedOptimizer.load_state_dict")
-    _replace(cls, "state_dict", state_dict, key="mcore.DistributedOptimizer.state_dict")
-    _APPLIED.append("distopt_step")
-
-
-def init_optimizer_states(optimizer: Any) -> None:
-    """Initialise a fresh DistributedOptimizer's torch-Adam states: zero moments, step 0.
-
-    Loading a dist checkpoint with torch Adam needs the states to exist (megatron fills them in place).
-    The patched ``DistributedOptimizer.state_dict()`` calls this by itself when the states are empty,
-    so ``optimizer.sharded_state_dict(model_sd, is_loading=True, ...)`` on a fresh optimizer just works;
-    calling it explicitly is harmless. Uses megatron's ``_init_optimizer_states_with_dummy_values``
-    (one Adam step on zero grads) and undoes its effects: restores the main params (weight decay
-    moved them) and zeroes every state tensor, with one ``step`` tensor per param.
-    """
-    assert hasattr(optimizer, "_init_optimizer_states_with_dummy_values"), "megatron_cpu: megatron API gone"
-    inner = optimizer.optimizer
-    params = [p for g in inner.param_groups for p in g["params"]]
-    saved = [p.detach().clone() for p in params]
-    optimizer._init_optimizer_states_with_dummy_values()
-    with torch.no_grad():
-        for p, s in zip(params, saved):
-            p.copy_(s)
-    for state in inner.state.values():
-        for k, v in list(state.items()):
-            if isinstance(v, torch.Tensor):
-                state[k] = torch.zeros_like(v) if k == "step" else v.zero_()
-
-
-# --------------------------------------------------------------------------------------------------
-def _mcore_version() -> str:
-    from importlib.metadata import version  # no megatron import: apply() must run before it
-
-    return version("megatron-core")
-
-
 def apply() -> list[str]:
-    """Install the patches (idempotent). Returns the names of the installed patches.
+    """Install the CPU patches (CPU-only hosts) and the megatron bug fixes (idempotent). Returns the
+    names of everything installed. Run it before megatron is imported."""
+    from twotower.model import megatron_fixes
 
-    Must run before megatron is imported. CPU-only patches are skipped when CUDA is available;
-    megatron bug fixes are applied everywhere for the verified megatron versions.
-    """
     if _APPLIED:
         return applied_patches()
-    version = _mcore_version()
-    if not version.startswith(_BUGFIX_MCORE):
-        if CPU_ONLY:  # the CPU runtime depends on megatron internals: refuse rather than half-work
-            raise RuntimeError(
-                f"megatron_cpu: megatron-core {version} not verified (written for {_BUGFIX_MCORE}); re-run "
-                "tests/model/test_megatron_cpu.py, re-check every patch, then extend _BUGFIX_MCORE"
-            )
-        # On GPU clusters newer megatron-core releases (0.17+, Python 3.12) run natively; the
-        # 0.16 bug fixes are version-specific, so they are skipped, loudly.
-        import warnings
-
-        warnings.warn(f"megatron_cpu: megatron-core {version}: the 0.16.x bug fixes (te_general_gemm, "
-                      "DistributedOptimizer Adam step on resume) are not applied; verify resume exactness "
-                      "with tests/model/test_megatron_cpu.py on this version", stacklevel=2)
-        _APPLIED.append("none")
-        return applied_patches()
+    version = megatron_fixes.mcore_version()
+    if CPU_ONLY and not version.startswith(megatron_fixes.VERIFIED_MCORE):
+        # the CPU runtime depends on megatron internals: refuse rather than half-work
+        raise RuntimeError(
+            f"megatron_cpu: megatron-core {version} not verified (written for {megatron_fixes.VERIFIED_MCORE}); "
+            "re-run tests/model/test_megatron_cpu.py, re-check every patch, then extend VERIFIED_MCORE")
     if CPU_ONLY:
         _patch_current_device()
         _patch_streams()
@@ -465,66 +330,7 @@ def apply() -> list[str]:
         _patch_torch_rng()
         _patch_megatron_rng()
         _patch_all_to_all()
-    _fix_te_general_gemm()
-    _fix_distopt_step()
+    _APPLIED.extend(megatron_fixes.apply())
     if not _APPLIED:
         _APPLIED.append("none")
     return applied_patches()
-
-
-# --------------------------------------------------------------------------------------------------
-# parallel init helper
-# --------------------------------------------------------------------------------------------------
-def init_parallel(tp: int = 1, ep: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 300) -> None:
-    """Initialise torch.distributed from the torchrun env and megatron model parallel.
-
-    Backend ``gloo`` on CPU, ``nccl`` on CUDA (sets the CUDA device from ``LOCAL_RANK``). Without
-    torchrun env vars it falls back to a 1-process world on a free port. Then
-    ``initialize_model_parallel(tp, pp, ep)`` and ``model_parallel_cuda_manual_seed(seed)``.
-    """
-    apply()
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    if not torch.distributed.is_initialized():
-        if "RANK" not in os.environ:  # not under torchrun: a 1-process world on a fresh port
-            env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
-            env["MASTER_PORT"] = str(free_port())
-            _ENV_SET.update({k: os.environ.get(k) for k in env})
-            os.environ.update(env)
-        backend = "gloo" if CPU_ONLY else "nccl"
-        if not CPU_ONLY:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        expert_model_parallel_size=ep,
-        # Experts are not tensor-parallel (Nemotron-H: ETP=1); must match TransformerConfig.
-        expert_tensor_parallel_size=1,
-    )
-    model_parallel_cuda_manual_seed(seed)
-
-
-def destroy_parallel() -> None:
-    """Undo :func:`init_parallel` (megatron groups, then the default process group)."""
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    for k, v in _ENV_SET.items():  # undo the env init_parallel() set for a 1-process world
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    _ENV_SET.clear()
-
-
-def free_port() -> int:
-    """A TCP port free on localhost right now."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -19,10 +19,11 @@ from torch import nn
 class RMSNorm(nn.Module):
     """``y = w * x / sqrt(mean(x^2) + eps)``, computed in fp32 and cast back (as HF NemotronH)."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-5, sequence_parallel: bool = False):
+    def __init__(self, hidden_size: int, eps: float = 1e-5, sequence_parallel: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
         self.weight.sequence_parallel = sequence_parallel  # read by megatron's finalize_model_grads
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,13 +43,14 @@ class GatedRMSNorm(nn.Module):
     (``norm_before_gate=False`` in mamba-ssm terms), as Nemotron-H does.
     """
 
-    def __init__(self, hidden_size: int, group_size: int, eps: float = 1e-5):
+    def __init__(self, hidden_size: int, group_size: int, eps: float = 1e-5,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         if hidden_size % group_size:
             raise ValueError(f"gated norm: hidden {hidden_size} is not a multiple of group size {group_size}")
         self.eps = eps
         self.group_size = group_size
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         dtype = y.dtype

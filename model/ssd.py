@@ -27,21 +27,21 @@ the chunk length is a multiple of ``S`` and the same recurrence is run one level
 local states, seeded with each chunk's start state, all chunks batched). No Python loop over time
 or chunks anywhere; everything is plain autograd.
 
-Backends: ``torch`` (always) and ``mamba_ssm`` (Triton ``mamba_chunk_scan_combined``; CUDA only).
+Backends (``backend`` = ``parallel.ssm_backend``, resolved per call by ``kernels.select``): ``torch``
+(always) and ``mamba_ssm`` (Triton ``mamba_chunk_scan_combined``; CUDA only).
 The fused kernel only exposes the final state, so with that backend the boundary states come from
 the torch steps 2-3 at block granularity (O(l p n) per head, fp32, differentiable).
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from twotower.model import kernels
 
 # Inter-chunk recurrences over more than this many chunks are split into blocks of this many
 # (segsum inside a block costs O(T^2) per state element; the recursion keeps total work O(N T)).
@@ -244,11 +244,6 @@ def _ssd_torch(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_limit, in
 # ----------------------------------------------------------------------------- mamba_ssm backend
 
 
-@functools.cache
-def _has_module(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
-
-
 def _ssd_mamba_ssm(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_limit, init, state_every,
                    return_final_state):
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
@@ -268,21 +263,6 @@ def _ssd_mamba_ssm(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_limit
         xdt, a = _discretize(x, dt, A, dt_bias, dt_softplus, dt_limit)
         boundary = _block_states(xdt, a, B, state_every, init.float() if init is not None else None)
     return SSDOutput(y, final.float() if final is not None else None, boundary)
-
-
-_BACKENDS: dict[str, Callable[..., SSDOutput]] = {"torch": _ssd_torch, "mamba_ssm": _ssd_mamba_ssm}
-
-
-def _select_backend(backend: str, x: Tensor) -> Callable[..., SSDOutput]:
-    """Resolve ``backend`` once per call: 'auto' -> mamba_ssm on CUDA when importable, else torch."""
-    fast = x.is_cuda and _has_module("mamba_ssm")
-    if backend == "auto":
-        backend = "mamba_ssm" if fast else "torch"
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown SSD backend {backend!r}; choose from auto, {', '.join(_BACKENDS)}")
-    if backend == "mamba_ssm" and not fast:
-        raise RuntimeError("backend='mamba_ssm' needs the mamba_ssm package and CUDA tensors")
-    return _BACKENDS[backend]
 
 
 # ----------------------------------------------------------------------------- public API
@@ -312,7 +292,7 @@ def ssd_chunk_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, ch
         raise ValueError(f"initial_states must be {(b, h, p, n)}, got {tuple(initial_states.shape)}")
     if state_every is not None and (state_every <= 0 or l % state_every):
         raise ValueError(f"sequence length {l} must be a positive multiple of state_every={state_every}")
-    impl = _select_backend(backend, x)
+    impl = _ssd_mamba_ssm if kernels.select("ssd", backend, x) == "kernel" else _ssd_torch
     return impl(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_limit, initial_states,
                 state_every, return_final_state)
 

@@ -45,9 +45,11 @@ from torch.utils.checkpoint import checkpoint
 from twotower.model.adaln import ADALN_INITS, build_time_conditioning, layer_modulation, shared_modulation
 from twotower.model.backbone import NemotronHModel, gather_logits
 from twotower.model.cache import LayerCache, TowerCache
-from twotower.model.config import BackboneConfig, ConfigError, ParallelConfig, to_transformer_config
+from twotower.model.config import BackboneConfig, ConfigError, ParallelConfig
 from twotower.model.core_attention import MaskSpec
-from twotower.model.layers import get_hybrid_layer_specs
+from twotower.model.device import building_on, resolve_device
+from twotower.model.specs import get_hybrid_layer_specs
+from twotower.model.transformer_config import to_transformer_config
 
 
 @dataclass
@@ -101,16 +103,16 @@ class TwoTowerOutput:
 class TwoTowerModel(MegatronModule):
     def __init__(self, config: TransformerConfig, backbone: BackboneConfig, twotower: TwoTowerConfig,
                  parallel: ParallelConfig, pre_process: bool = True, post_process: bool = True,
-                 layer_range: tuple[int, int] | None = None):
+                 layer_range: tuple[int, int] | None = None, device: torch.device | str | None = None):
         super().__init__(config)
         twotower.validate(backbone)
         self.backbone, self.twotower = backbone, twotower
         self.pre_process, self.post_process = pre_process, post_process
         specs = get_hybrid_layer_specs(backbone, parallel)
-        kw = dict(pre_process=pre_process, post_process=post_process, layer_range=layer_range)
+        kw = dict(pre_process=pre_process, post_process=post_process, layer_range=layer_range, device=device)
         self.context_tower = NemotronHModel(config, backbone, specs, **kw)
         self.denoiser_tower = NemotronHModel(config, backbone, specs, **kw)
-        self._build_time_conditioning(config, layer_range or (0, backbone.num_layers))
+        self._build_time_conditioning(config, layer_range or (0, backbone.num_layers), device)
         # The freeze boundary: the whole context tower, as one module (freezing parts of
         # megatron's layer-stacked tensors breaks optimizer checkpoints).
         self.context_tower.requires_grad_(False)
@@ -132,7 +134,7 @@ class TwoTowerModel(MegatronModule):
         self.context_tower.train(False)
         return self
 
-    def _build_time_conditioning(self, config: TransformerConfig, layer_range: tuple[int, int]) -> None:
+    def _build_time_conditioning(self, config: TransformerConfig, layer_range: tuple[int, int], device) -> None:
         """``t_embedder``, ``t_block`` (on every pipeline stage) and this stage's tables.
 
         Under PP every stage's copy of the shared time network sees the gradient of its own
@@ -146,7 +148,8 @@ class TwoTowerModel(MegatronModule):
         pp = parallel_state.get_pipeline_model_parallel_world_size()
         self.t_embedder, self.t_block, self.scale_shift_tables = build_time_conditioning(
             self.backbone.hidden_size, list(range(*layer_range)), init=self.twotower.adaln_init,
-            sequence_parallel=config.sequence_parallel, pipeline_parallel=pp > 1)
+            device=device, dtype=config.params_dtype, sequence_parallel=config.sequence_parallel,
+            pipeline_parallel=pp > 1)
         if pp > 1:
             config.has_cond_embedder = True
             first = parallel_state.get_pipeline_model_parallel_rank() == 0
@@ -197,7 +200,7 @@ class TwoTowerModel(MegatronModule):
         else:  # a later pipeline stage: the pair arrives as one tensor; the context half has no grad
             hc, hd = self.input_tensor.chunk(2, dim=0)
             hc = hc.detach()
-        mod = shared_modulation(self.t_embedder, self.t_block, t, L, self._seq_slice(L))  # [s(/tp) or 1, b, 3, h]
+        mod = shared_modulation(self.t_embedder, self.t_block, t, L, self._seq_slice(L))  # [1 or blocks, b, 3, h]
         mode = self.twotower.recompute
         for j, (lc, ld) in enumerate(zip(self.context_tower.layers, self.denoiser_tower.layers)):
             i = self.context_tower.layer_offset + j
@@ -209,12 +212,14 @@ class TwoTowerModel(MegatronModule):
         if not self.post_process:
             # What travels to the next stage: both streams (the spec's "pair"), one tensor.
             return torch.cat([hc, hd], dim=0)
-        logits = self._subs(self.denoiser_tower.head(hd))  # [L, b, V/tp]
+        # Logits memory per token: the head's bf16 output (transient) and ONE fp32 copy, which SUBS
+        # edits in place and megatron's vocab-parallel CE works on in place and keeps for its
+        # backward (training/planner.py counts 2 + 4 bytes per vocab entry).
+        logits = self._subs(self.denoiser_tower.head(hd).float(), inplace=True)  # [L, b, V/tp] fp32
         out = TwoTowerOutput(ce=None)
         if return_logits:
             out.logits = gather_logits(logits).clone()
-        # megatron's vocab-parallel CE works in place on its input (and .float() of fp32 is a no-op)
-        out.ce = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), x0.t().contiguous()).t()
+        out.ce = tensor_parallel.vocab_parallel_cross_entropy(logits, x0.t().contiguous()).t()
         if ar_nll:
             with torch.no_grad():
                 ctx_logits = self.context_tower.head(hc)[:-1].float()
@@ -300,13 +305,15 @@ class TwoTowerModel(MegatronModule):
         return gather_logits(self._subs(logits) if subs else logits)
 
     # ------------------------------------------------------------------ helpers
-    def _subs(self, logits: torch.Tensor) -> torch.Tensor:
-        """SUBS parameterisation: the mask token's logit is -inf on the rank that owns it."""
+    def _subs(self, logits: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """SUBS parameterisation: the mask token's logit is -inf on the rank that owns it
+        (``inplace``: on a tensor nothing else holds, e.g. a fresh fp32 copy)."""
         vl = logits.shape[-1]
         local = self.twotower.mask_token_id - parallel_state.get_tensor_model_parallel_rank() * vl
         if 0 <= local < vl:
-            idx = torch.tensor([local], device=logits.device)
-            logits = logits.index_fill(-1, idx, float("-inf"))
+            # an int index (no index tensor built from a Python list: that H2D copy syncs the host)
+            logits = logits if inplace else logits.clone()
+            logits[..., local] = float("-inf")
         return logits
 
     def _seq_slice(self, L: int) -> slice | None:
@@ -328,12 +335,18 @@ def _shift_blocks(boundary: torch.Tensor) -> torch.Tensor:
 
 def build_two_tower(backbone: BackboneConfig, parallel: ParallelConfig | None = None,
                     twotower: TwoTowerConfig | None = None, *, params_dtype: torch.dtype = torch.float32,
-                    pre_process: bool = True, post_process: bool = True,
-                    layer_range: tuple[int, int] | None = None, **config_overrides) -> TwoTowerModel:
-    """Build both towers on the current megatron parallel state; the denoiser copies the context."""
+                    device: torch.device | str | None = None, pre_process: bool = True,
+                    post_process: bool = True, layer_range: tuple[int, int] | None = None,
+                    **config_overrides) -> TwoTowerModel:
+    """Build both towers on the current megatron parallel state; the denoiser copies the context.
+
+    Every parameter and buffer is created on ``device`` (default: this rank's CUDA device, else the
+    CPU; ``meta`` builds the structure without memory) in ``params_dtype``."""
     parallel = parallel or ParallelConfig()
     twotower = twotower or TwoTowerConfig()
-    config = to_transformer_config(backbone, parallel, params_dtype=params_dtype, **config_overrides)
-    model = TwoTowerModel(config, backbone, twotower, parallel, pre_process, post_process, layer_range)
+    device = resolve_device(device)
+    config = to_transformer_config(backbone, parallel, params_dtype=params_dtype, device=device, **config_overrides)
+    with building_on(device):
+        model = TwoTowerModel(config, backbone, twotower, parallel, pre_process, post_process, layer_range, device)
     model.init_denoiser_from_context()
-    return model.to(params_dtype) if params_dtype != torch.float32 else model
+    return model

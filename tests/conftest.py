@@ -15,6 +15,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        # The CPU runtime layer for megatron, applied explicitly before any test module imports
+        # megatron (importing twotower patches nothing: tests/model/test_import_hygiene.py).
+        from twotower.model import megatron_cpu
+
+        megatron_cpu.apply()
     config.addinivalue_line("markers", "slow: more than ~20 s on 2 CPU cores (still run in CI)")
     config.addinivalue_line("markers", "distributed: launches torchrun with several gloo ranks")
     config.addinivalue_line("markers", "gpu: needs CUDA (skipped on CPU machines)")
@@ -28,9 +36,17 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """CPU host: ``gpu`` tests are skipped. CUDA host: the CPU suite (gloo worlds, the CPU runtime
+    layer, CPU-exact oracles) is skipped, not failed; set ``TWOTOWER_CPU_TESTS_ON_GPU=1`` to run it."""
     import torch
 
     if torch.cuda.is_available():
+        if os.environ.get("TWOTOWER_CPU_TESTS_ON_GPU") == "1":
+            return
+        skip_cpu = pytest.mark.skip(reason="CPU suite on a CUDA host (TWOTOWER_CPU_TESTS_ON_GPU=1 runs it)")
+        for item in items:
+            if "gpu" not in item.keywords:
+                item.add_marker(skip_cpu)
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA; this machine has none")
     for item in items:
@@ -101,17 +117,17 @@ def megatron_world1(monkeypatch):
     """
     import torch
 
-    from twotower.model import megatron_cpu
+    from twotower.model import parallel_init
 
     if torch.distributed.is_initialized():
         pytest.fail("megatron_world1: torch.distributed is already initialised (a leaked process group)")
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                  "MASTER_PORT": str(free_port())}.items():  # fmt: skip
         monkeypatch.setenv(k, v)
-    megatron_cpu.init_parallel(tp=1, ep=1, pp=1, seed=1234)
+    parallel_init.init_parallel(tp=1, ep=1, pp=1, seed=1234)
     from megatron.core import parallel_state
 
     try:
         yield parallel_state
     finally:
-        megatron_cpu.destroy_parallel()
+        parallel_init.destroy_parallel()

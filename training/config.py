@@ -165,6 +165,10 @@ class ClusterConfig:
     """GPU model for the planner's peak FLOP/s (``twotower.training.flops.PEAK_FLOPS``)."""
     gpu_mem_gib: float = 80.0
     """Memory of one GPU for the planner (it refuses layouts that do not fit)."""
+    mfu: float = 0.0
+    """Model FLOPs utilisation the planner's step time assumes, measured on this cluster's GPU with
+    ``tests/benchmarks/bench_gpu_mfu.py`` (0: the planner's documented assumption,
+    ``twotower.training.planner.ASSUMED_MFU``)."""
     container_image: str | None = None
     """pyxis/enroot image: ``srun --container-image`` (None: run on the host, see ``setup``)."""
     container_mounts: list[str] = field(default_factory=list)
@@ -182,6 +186,8 @@ class ClusterConfig:
     """Extra ``srun`` options, as ``--key=value`` (e.g. ``--cpu-bind=none``)."""
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.mfu <= 1.0:
+            raise ConfigError(f"cluster.mfu={self.mfu} must be in [0, 1] (0: the planner's assumption)")
         if self.scheduler not in ("local", "slurm"):
             raise ConfigError(f"cluster.scheduler={self.scheduler!r}: use 'local' or 'slurm'")
         if self.nodes < 1 or self.gpus_per_node < 0 or self.tasks_per_node < 0 or self.cpus_per_node < 0:
@@ -269,9 +275,13 @@ class TrainConfig:
             # manifest records none: an id past the embedding table is named with its shard and key
             self.data.vocab_size = self.model.vocab_size
 
-    def validate(self, world_size: int) -> BatchPlan:
-        """Cross-group rules; returns the derived batch arithmetic."""
+    def validate(self, world_size: int, check_host: bool = True) -> BatchPlan:
+        """Cross-group rules; returns the derived batch arithmetic. ``check_host``: also refuse
+        backends this host cannot run (``parallel.transformer_impl`` etc.; off where a job is only
+        submitted, e.g. ``twotower-launch`` on a login node)."""
         self.model.validate_parallel(self.parallel)
+        if check_host:
+            self.parallel.check_host()
         dp = self.parallel.data_parallel_size(world_size)
         if self.parallel.pp > 1 and self.model.num_layers % self.parallel.pp:
             raise ConfigError(f"parallel.pp={self.parallel.pp} does not divide the {self.model.num_layers} layers "

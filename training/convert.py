@@ -68,9 +68,12 @@ class ConvertError(RuntimeError):
 def main(argv: list[str] | None = None) -> int:
     ap = _parser()
     args = ap.parse_args(argv)
+    from twotower.model import megatron_cpu
+
+    megatron_cpu.apply()  # the CPU runtime layer (no-op on CUDA hosts), before megatron is imported
     from twotower.model.config import ConfigError
     from twotower.model.hf_import import CheckpointKeyError
-    from twotower.model.megatron_cpu import destroy_parallel
+    from twotower.model.parallel_init import destroy_parallel
     from twotower.training.checkpoint import CheckpointError
     from twotower.training.export_verify import VerifyError
 
@@ -107,7 +110,7 @@ def _setup(backbone, twotower, args, dtype_name: str = "fp32"):
     import torch
 
     from twotower.model.config import ParallelConfig
-    from twotower.model.megatron_cpu import init_parallel
+    from twotower.model.parallel_init import init_parallel
     from twotower.model.two_tower import build_two_tower
 
     parallel = ParallelConfig(tp=args.tp, ep=args.ep, sequence_parallel=args.tp > 1)

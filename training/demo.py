@@ -29,7 +29,7 @@ from pathlib import Path
 
 def _run(overrides: list[str]) -> dict:
     """One training run in this process (a fresh megatron parallel state each time)."""
-    from twotower.model.megatron_cpu import destroy_parallel
+    from twotower.model.parallel_init import destroy_parallel
     from twotower.training.trainer import Trainer
 
     cfg = _compose(overrides)
@@ -57,7 +57,7 @@ def _export(out: Path, overrides: list[str]) -> Path:
     """Load the AR run's last checkpoint and write it as a Hugging Face folder."""
     from twotower.model.backbone import build_backbone
     from twotower.model.hf_export import save_hf_checkpoint
-    from twotower.model.megatron_cpu import destroy_parallel, init_parallel
+    from twotower.model.parallel_init import destroy_parallel, init_parallel
     from twotower.training.checkpoint import Checkpointer
 
     cfg = _compose(overrides + ["checkpoint.resume=auto"])
@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     from twotower.training.quiet import quiet_third_party
 
     quiet_third_party()
+    from twotower.model import megatron_cpu
+
+    megatron_cpu.apply()  # the CPU runtime layer (no-op on CUDA hosts), before megatron is imported
     import shutil
 
     for stale in ("ar", "twotower", "backbone_hf"):  # a previous demo's runs would be resumed
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
           "verified against the checkpoint", flush=True)
 
     print("[demo 6/6] generate from the trained TwoTower (twotower-generate --run ... --mode all)", flush=True)
-    from twotower.model.megatron_cpu import destroy_parallel
+    from twotower.model.parallel_init import destroy_parallel
     from twotower.training.generate import main as generate
 
     try:

@@ -67,8 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     from twotower.training.quiet import quiet_third_party
 
     quiet_third_party()
+    from twotower.model import megatron_cpu
+
+    megatron_cpu.apply()  # the CPU runtime layer (no-op on CUDA hosts), before megatron is imported
     from twotower.model.hf_import import CheckpointKeyError
-    from twotower.model.megatron_cpu import destroy_parallel
+    from twotower.model.parallel_init import destroy_parallel
     from twotower.training.checkpoint import CheckpointError
 
     try:

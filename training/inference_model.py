@@ -62,7 +62,7 @@ def _tokenizer_of(cfg: dict) -> str | None:
 def load_for_inference(run: str | None = None, checkpoint: str | None = None, hf: str | None = None,
                        backbone: str | None = None) -> LoadedModel:
     """Exactly one of ``run`` / ``checkpoint`` / ``hf`` (``checkpoint`` may accompany ``run``)."""
-    from twotower.model.megatron_cpu import init_parallel
+    from twotower.model.parallel_init import init_parallel
     from twotower.model.released_format import load_context_tower, load_released_twotower
     from twotower.model.two_tower import build_two_tower
     from twotower.training.checkpoint import CheckpointConfig, Checkpointer, find_checkpoint

@@ -14,10 +14,18 @@ ZeRO-1 style distributed optimizer, Rajbhandari et al. 2020):
                   * 2 bytes / tp (sequence parallel), per-type values in ``_act_values``
                 + context K/V of the attention layers (kept for the denoiser's backward)
                 + transient Mamba boundary states of ONE layer: b * L/S * H*P*N * 4 bytes / tp, x2 (+grad)
-                + fp32 logits of one micro-batch b*L*V/tp*(4+2) bytes (last stage)
+                + logits of one micro-batch b*L*V/tp*(4+2) bytes (last stage): the fp32 copy SUBS and the
+                  vocab-parallel CE work on in place and keep for backward, and the head's bf16 output
+                  while it is cast (model/two_tower.py makes no other copy)
+                + adaLN (denoiser layers kept for backward): per token and layer 2 h bf16 values, the
+                  modulated copy of the layer input and the mixer output the gate multiplies; the
+                  (shift, scale, gate) vectors themselves are per sequence or per block, broadcast, never
+                  per token (model/adaln.py)
   overhead        fixed 4 GiB (CUDA context, NCCL buffers, allocator fragmentation).
 Throughput: step time = twotower_step_flops(...).total / (num_gpus * peak * mfu); days = budget /
-tokens_per_step * step_time / 86400.
+tokens_per_step * step_time / 86400. ``mfu`` is an input: :data:`ASSUMED_MFU` until a GPU measurement
+exists, then the measured value (``--mfu-from`` the JSON ``tests/benchmarks/bench_gpu_mfu.py --json``
+writes on the cluster's GPU, with the hardware it names).
 """
 from __future__ import annotations
 
@@ -30,6 +38,26 @@ from twotower.training.flops import peak_flops, twotower_step_flops
 
 GIB = 2**30
 OVERHEAD_GIB = 4.0
+#: bf16 values per token a modulated denoiser layer keeps beyond ``_act_values`` (see the docstring).
+ADALN_VALUES = 2
+#: MFU assumed when no measurement is given. NOT measured: no GPU run of this code exists yet. Basis:
+#: Nemotron-3-Nano's own FP8 pretraining in Megatron-Bridge's H100 recipe runs at ~33% of the BF16
+#: peak; a bf16 TwoTower step of the 30B layer mix is taken to be comparable. Replace it with the
+#: TwoTower MFU that ``tests/benchmarks/bench_gpu_mfu.py --json FILE`` measures (``--mfu-from FILE``).
+ASSUMED_MFU = 0.35
+ASSUMED_MFU_SOURCE = "assumed (no GPU measurement; ~Megatron-Bridge's Nano H100 recipe)"
+
+
+def measured_mfu(path: str) -> tuple[float, str]:
+    """``(mfu, source)`` from ``bench_gpu_mfu.py --json`` output: the TwoTower step's MFU and the GPU."""
+    import json
+
+    with open(path) as f:
+        d = json.load(f)
+    try:
+        return float(d["twotower"]["mfu"]), f"measured on {d['gpu']} ({path})"
+    except (KeyError, TypeError, ValueError) as err:
+        raise PlanError(f"{path}: not a bench_gpu_mfu.py --json file (need twotower.mfu and gpu): {err}") from err
 
 
 class PlanError(ValueError):
@@ -65,6 +93,11 @@ def _act_values(cfg: BackboneConfig, recompute: str) -> dict[str, float]:
     elif recompute == "full":
         vals = {c: h for c in vals}
     return vals
+
+
+def _adaln_kept(symbol: str, recompute: str) -> int:
+    """1 if a denoiser layer of this type keeps its adaLN extras for backward (not recomputed)."""
+    return int(recompute == "none" or (recompute == "mamba" and symbol != "M"))
 
 
 @dataclass
@@ -105,8 +138,14 @@ def _stages(pattern: str, pp: int) -> list[str]:
 
 def plan(cfg: BackboneConfig, parallel: ParallelConfig, *, num_gpus: int, gpu: str = "H100",
          gpu_mem_gib: float = 80, seq_len: int, micro_batch: int, global_batch: int, block_size: int = 16,
-         token_budget: float, mfu: float = 0.35, distributed_optimizer: bool = True,
-         recompute: str = "mamba") -> Plan:
+         token_budget: float, mfu: float | None = None, mfu_source: str | None = None,
+         distributed_optimizer: bool = True, recompute: str = "mamba", time_per_block: bool = False) -> Plan:
+    """Memory and time of one layout (module docstring). ``mfu``: measured (say where in
+    ``mfu_source``) or None for :data:`ASSUMED_MFU`. ``time_per_block``: one diffusion time per block
+    (else per sequence, the release's recipe); either way the modulation vectors are not per token."""
+    if mfu is None:
+        mfu, mfu_source = ASSUMED_MFU, ASSUMED_MFU_SOURCE
+    mfu_source = mfu_source or "given"
     try:
         cfg.validate_parallel(parallel)
         dp = parallel.data_parallel_size(num_gpus)
@@ -141,6 +180,10 @@ def plan(cfg: BackboneConfig, parallel: ParallelConfig, *, num_gpus: int, gpu: s
             "mamba boundary states (1 layer)": (2 * b * L // block_size * cfg.mamba_num_heads * cfg.mamba_head_dim
                                                 * cfg.mamba_state_dim * 4 / tp) if "M" in layers else 0.0,
             "logits (fp32+bf16)": b * L * cfg.vocab_size / tp * 6 if s == pp - 1 else 0.0,
+            "adaLN modulation (denoiser)": min(in_flight, pp - s) * b * L * 2 / (tp if sp else 1) * ADALN_VALUES
+                                           * cfg.hidden_size * sum(_adaln_kept(c, recompute) for c in layers)
+                                           + b * (L // block_size if time_per_block else 1) * 3 * cfg.hidden_size
+                                           * 2 * len(layers),
         }
         mem = {k: v / GIB for k, v in mem.items()}
         mem["fixed overhead"] = OVERHEAD_GIB
@@ -152,7 +195,7 @@ def plan(cfg: BackboneConfig, parallel: ParallelConfig, *, num_gpus: int, gpu: s
     p = Plan(memory_gib=worst, gpu_mem_gib=gpu_mem_gib, dp=dp, step_time_s=step, tokens_per_step=tokens,
              days=token_budget / tokens * step / 86400, step_flops=flops,
              notes=[(f"layout: tp={tp} ep={ep} pp={pp} dp={dp} sp={sp} dist_opt={distributed_optimizer} "
-                     f"recompute={recompute} micro_batch={micro_batch} mfu={mfu}")])
+                     f"recompute={recompute} micro_batch={micro_batch}"), f"mfu={mfu:g}: {mfu_source}"])
     if not p.fits:
         over = p.total_gib - gpu_mem_gib
         big = max(worst, key=worst.get)
@@ -182,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=float, default=2.1e12)
     ap.add_argument("--gpu", default="H100")
     ap.add_argument("--gpu-mem-gib", type=float, default=80)
-    ap.add_argument("--mfu", type=float, default=0.35)
+    ap.add_argument("--mfu", type=float, default=None, help=f"default: {ASSUMED_MFU} ({ASSUMED_MFU_SOURCE})")
+    ap.add_argument("--mfu-from", default=None, help="a tests/benchmarks/bench_gpu_mfu.py --json file")
     ap.add_argument("--recompute", default="mamba", choices=("none", "mamba", "full"))
     ap.add_argument("--no-distributed-optimizer", action="store_true")
     a = ap.parse_args(argv)
@@ -190,10 +234,11 @@ def main(argv: list[str] | None = None) -> None:
     cfg = backbone_config_from_dict(yaml.safe_load(path.read_text()))
     par = ParallelConfig(tp=a.tp, ep=a.ep, pp=a.pp, sequence_parallel=a.tp > 1)
     try:
+        mfu, source = measured_mfu(a.mfu_from) if a.mfu_from else (a.mfu, None)
         p = plan(cfg, par, num_gpus=a.gpus, gpu=a.gpu, gpu_mem_gib=a.gpu_mem_gib, seq_len=a.seq_len,
                  micro_batch=a.micro_batch, global_batch=a.global_batch, block_size=a.block_size,
-                 token_budget=a.tokens, mfu=a.mfu, distributed_optimizer=not a.no_distributed_optimizer,
-                 recompute=a.recompute)
+                 token_budget=a.tokens, mfu=mfu, mfu_source=source,
+                 distributed_optimizer=not a.no_distributed_optimizer, recompute=a.recompute)
     except PlanError as e:
         raise SystemExit(f"refused: {e}") from None
     print(f"model {a.model}: {cfg.param_counts()['total'] / 1e9:.2f}B params, {a.gpus} x {a.gpu}")

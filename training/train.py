@@ -95,7 +95,9 @@ def _plan(tc):
                 seq_len=t.seq_len, micro_batch=t.micro_batch_size, global_batch=t.global_batch_size,
                 block_size=tc.twotower.block_size,
                 token_budget=t.tokens_budget or t.max_steps * t.global_batch_size * t.seq_len,
-                distributed_optimizer=tc.optim.distributed_optimizer, recompute=tc.twotower.recompute)
+                distributed_optimizer=tc.optim.distributed_optimizer, recompute=tc.twotower.recompute,
+                mfu=tc.cluster.mfu or None, mfu_source=f"cluster.mfu ({tc.cluster.name})" if tc.cluster.mfu else None,
+                time_per_block=tc.diffusion.time_per == "block")
 
 
 @hydra.main(config_path="pkg://twotower.conf", config_name="config", version_base="1.3")
@@ -129,7 +131,7 @@ def _job(cfg: DictConfig) -> float | None:
 
     from twotower.data.shards import DatasetError
     from twotower.model.hf_import import CheckpointKeyError
-    from twotower.model.megatron_cpu import destroy_parallel
+    from twotower.model.parallel_init import destroy_parallel
     from twotower.training.checkpoint import CheckpointError
     from twotower.training.trainer import Trainer, TrainingStopped
 
@@ -176,6 +178,9 @@ def main() -> None:
         sys.argv.remove("--plan")
         _PLAN = True
     _slurm_to_torch_env()
+    from twotower.model import megatron_cpu
+
+    megatron_cpu.apply()  # the CPU runtime layer (no-op on CUDA hosts); before any megatron world exists
     register_configs()
     from twotower.training.preemption import install_child_policy
 

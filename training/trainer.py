@@ -4,7 +4,7 @@ Stages (``Trainer.__init__``): validate the config against the world size -> dis
 (megatron parallel state: TP, SP, EP, PP, DP) -> lock the run and checkpoint directories
 (``run_lock.py``: one process per run, writability probed) -> model (both towers, this pipeline
 stage's layer range; the context tower loaded from the backbone and frozen) -> megatron
-DDP -> optimizer + LR schedule -> data -> checkpoint (resume) -> metrics.
+Float16Module + DDP (``wrapping.py``) -> optimizer + LR schedule -> data -> checkpoint (resume) -> metrics.
 
 One step (``train_step``): build this rank's micro-batches (noise and masks seeded by
 global sample index, so any layout reproduces the single-rank run) -> megatron's
@@ -24,17 +24,13 @@ from pathlib import Path
 
 import torch
 from megatron.core import parallel_state as ps
-from megatron.core.distributed import (
-    DistributedDataParallel,
-    DistributedDataParallelConfig,
-    finalize_model_grads,
-)
+from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import OmegaConf
 
 from twotower.model.backbone import build_backbone
 from twotower.model.hf_import import load_hf_backbone
-from twotower.model.megatron_cpu import init_parallel
+from twotower.model.parallel_init import init_parallel
 from twotower.model.released_format import load_context_tower
 from twotower.model.two_tower import build_two_tower
 from twotower.training import flops as flops_lib
@@ -48,6 +44,7 @@ from twotower.training.optim import build_optimizer, build_scheduler
 from twotower.training.preemption import StopRequest
 from twotower.training.resume_policy import check_resumable
 from twotower.training.run_lock import lock_run
+from twotower.training.wrapping import params_gathered, wrap_for_training
 
 
 class TrainingStopped(RuntimeError):
@@ -60,12 +57,14 @@ class Trainer:
         # 1. validate before any process group or weight exists
         self.plan = cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
         # 2. distributed
-        init_parallel(tp=cfg.parallel.tp, ep=cfg.parallel.ep, pp=cfg.parallel.pp, seed=cfg.trainer.seed)
+        init_parallel(tp=cfg.parallel.tp, ep=cfg.parallel.ep, pp=cfg.parallel.pp, seed=cfg.trainer.seed,
+                      timeout_s=cfg.parallel.timeout_s)
         self.rank = torch.distributed.get_rank()
         self.dp_rank = ps.get_data_parallel_rank()
         use_bf16 = cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto" and torch.cuda.is_available())
         self.dtype = torch.bfloat16 if use_bf16 else torch.float32
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                       else torch.device("cpu"))
         # one training process per run directory and checkpoint directory (rank 0 holds the lock)
         self._lock = lock_run(cfg.trainer.run_dir, cfg.checkpoint.dir, self.rank)
         try:
@@ -76,14 +75,9 @@ class Trainer:
             raise
 
     def _setup(self, cfg: TrainConfig, synthetic: SyntheticTokens | None) -> None:
-        # 3. model (this pipeline stage), 4. DDP
+        # 3. model (this pipeline stage, built on self.device), 4. megatron's Float16Module + DDP
         self.model = self._build_model()
-        self.ddp = DistributedDataParallel(
-            self.model.config,
-            DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                          use_distributed_optimizer=cfg.optim.distributed_optimizer),
-            self.model,
-        )
+        self.ddp, self.ddp_config = wrap_for_training(self.model, cfg, self.device, self.dtype)
         # 5. optimizer and schedule
         self.optimizer = build_optimizer(cfg.optim, [self.ddp], self.dtype)
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, cfg.trainer.max_steps)
@@ -136,10 +130,8 @@ class Trainer:
         cfg = self.cfg
         pp, stage = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
         n = cfg.model.num_layers
-        kw = dict(params_dtype=self.dtype, pre_process=stage == 0, post_process=stage == pp - 1,
+        kw = dict(params_dtype=self.dtype, device=self.device, pre_process=stage == 0, post_process=stage == pp - 1,
                   layer_range=(stage * n // pp, (stage + 1) * n // pp))
-        if self.device != "cpu":
-            kw["use_cpu_initialization"] = False
         torch.manual_seed(cfg.trainer.seed)
         if cfg.objective == "ar":
             model = build_backbone(cfg.model, cfg.parallel, **kw)
@@ -150,7 +142,22 @@ class Trainer:
             if cfg.backbone:  # a NemotronH folder, or a released TwoTower's context tower
                 load_context_tower(model.context_tower, cfg.backbone)
                 model.init_denoiser_from_context()
-        return model.to(self.device)
+        # On CUDA the embeddings count out-of-range ids on the device (read at log intervals,
+        # _check_token_ids) instead of a host sync per micro-batch.
+        for tower in self._towers(model):
+            tower.defer_id_check = self.device.type == "cuda"
+        return model
+
+    @staticmethod
+    def _towers(model) -> list:
+        return [model] if not hasattr(model, "denoiser_tower") else [model.context_tower, model.denoiser_tower]
+
+    def _check_token_ids(self) -> None:
+        """Raise if any embedding saw an out-of-range id since the last check (one host read)."""
+        bad = sum(t.take_bad_id_count() for t in self._towers(self.model) if t.pre_process)
+        if bad:
+            raise TrainingStopped(f"{bad} token id(s) outside [0, model.vocab_size={self.cfg.model.vocab_size}) "
+                                  f"in the steps before {self.step}; check the data's tokenizer / vocab_size")
 
     def _check_resumable(self, path, extra: dict) -> None:
         """Another model, objective or diffusion geometry: refused by field name before any tensor
@@ -258,6 +265,10 @@ class Trainer:
         """Unbiased NELBO over t ~ U[eps, 1] (bits/token, perplexity bound) and, beside it, the
         frozen context tower's AR NLL on the same tokens. The stream is the same every time."""
         c = self.cfg
+        with params_gathered(self.ddp, self.ddp_config):
+            return self._evaluate(c)
+
+    def _evaluate(self, c) -> dict[str, float]:
         self.ddp.eval()
         if self.valid_loader is not None:
             it = iter(self.valid_loader)  # a fresh, fixed, unshuffled pass every time
@@ -289,7 +300,9 @@ class Trainer:
         extra = {"step": self.step, "consumed_tokens": self.consumed_tokens, "skipped_steps": self.skipped,
                  "data": data, "diffusion_clip": [self.cfg.diffusion.t_min, self.cfg.diffusion.t_max],
                  "config": OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True)}
-        path = self.checkpointer.save(self.step, self.model, self.optimizer, self.scheduler, json.loads(json.dumps(extra)))
+        with params_gathered(self.ddp, self.ddp_config):
+            path = self.checkpointer.save(self.step, self.model, self.optimizer, self.scheduler,
+                                          json.loads(json.dumps(extra)))
         if self.rank == 0:
             print(f"[twotower] saved checkpoint {path}", flush=True)
 
@@ -350,6 +363,7 @@ class Trainer:
         while self.step < t.max_steps:
             last = self.train_step()
             if self.step % t.log_interval == 0 or self.step == t.max_steps:
+                self._check_token_ids()
                 dt = time.perf_counter() - window_t0
                 steps_in_window = max((self.consumed_tokens - window_tokens)
                                       // (self.plan.global_batch_size * t.seq_len), 1)

@@ -29,7 +29,7 @@ BASE = ["experiment=smoke_cpu", "logging=none", "checkpoint.interval=0", "traine
 
 
 def time_steps(objective: str, steps: int, overrides: list[str]) -> tuple[list[float], float, int]:
-    from twotower.model.megatron_cpu import destroy_parallel
+    from twotower.model.parallel_init import destroy_parallel
     from twotower.training.trainer import Trainer
 
     tr = Trainer(compose(*BASE, f"objective={objective}", f"trainer.max_steps={steps + 1}",

@@ -146,7 +146,7 @@ def child(a):
 
 
 def init():
-    from twotower.model.megatron_cpu import init_parallel
+    from twotower.model.parallel_init import init_parallel
 
     init_parallel()
 

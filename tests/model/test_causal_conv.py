@@ -100,13 +100,13 @@ def test_causal_conv1d_backend_matches_torch(use_init):
     pytest.importorskip("causal_conv1d")
     x, w, bias, init = (t.cuda() for t in make(b=2, d=64, l=256, k=4))
     res = {}
-    for backend in ("torch", "causal_conv1d"):
+    for backend in ("torch", "mamba_ssm"):
         leaves = [t.clone().requires_grad_() for t in (x, w, bias, init)]
         out = causal_conv1d(*leaves[:3], initial_state=leaves[3] if use_init else None, state_every=64,
                             return_final_state=True, backend=backend)
         (out.y.square().sum() + out.boundary_states.sum()).backward()
         res[backend] = (out, [t.grad for t in leaves])
-    (o_t, g_t), (o_c, g_c) = res["torch"], res["causal_conv1d"]
+    (o_t, g_t), (o_c, g_c) = res["torch"], res["mamba_ssm"]
     torch.testing.assert_close(o_c.y, o_t.y, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(o_c.boundary_states, o_t.boundary_states)
     for a, b in zip(g_c[: 4 if use_init else 3], g_t):
@@ -124,18 +124,46 @@ def test_low_precision_input_computes_in_weight_dtype():
     torch.testing.assert_close(y_t, out.y[..., 0])
 
 
-def test_kernel_selection_falls_back_on_unsupported_calls(monkeypatch):
-    """'auto' takes causal-conv1d only where it supports the call: with initial states (the
-    channel-last layout) the channel count must be a multiple of 8 (the tiny model's 260 is not)."""
-    from twotower.model import causal_conv as cc
+def test_kernel_selection_falls_back_on_strided_inputs(monkeypatch):
+    """'auto' takes causal-conv1d only where it supports the call as laid out: the mixer's xBC is a
+    channel-last view of the fused in_proj output (stride = projection width, 260 for the tiny
+    model: not a multiple of 8); with initial states the kernel gets a channel-last copy (d % 8)."""
+    from twotower.model import kernels
+    from twotower.model.causal_conv import _kernel_strides
 
-    monkeypatch.setattr(cc, "_has_module", lambda name: True)
-    assert cc.cuda_kernel_supports(True, 4, "silu", 6144, channel_last=True) is None
-    assert "channels % 8 == 0 (got 260)" in cc.cuda_kernel_supports(True, 4, "silu", 260, channel_last=True)
-    assert cc.cuda_kernel_supports(True, 4, "silu", 260, channel_last=False) is None
-    assert "width" in cc.cuda_kernel_supports(True, 5, "silu", 64, channel_last=False)
-    assert "CUDA" in cc.cuda_kernel_supports(False, 4, "silu", 64, channel_last=False)
-    x, w = torch.randn(1, 260, 8), torch.randn(260, 4)
-    assert cc._select_backend("auto", x, w, "silu", channel_last=True) is cc._conv_torch  # CPU tensors
-    with pytest.raises(RuntimeError, match="needs the causal_conv1d package and CUDA tensors"):
-        cc._select_backend("causal_conv1d", x, w, "silu", channel_last=True)
+    monkeypatch.setattr(kernels, "has_module", lambda name: True)  # as if causal-conv1d were installed
+    fused = torch.randn(2, 16, 260)  # [b, s, proj]: xBC = a channel slice, viewed (b, d, l)
+    xbc = fused[..., 4:4 + 64].transpose(1, 2)
+    assert xbc.stride() == (16 * 260, 1, 260)
+    why = kernels.conv_limits(tuple(xbc.shape), _kernel_strides(xbc, None), 4, "silu")
+    assert "% 8 == 0 (got 4160, 260)" in why
+    ok = torch.randn(2, 16, 256)[..., :64].transpose(1, 2)
+    assert kernels.conv_limits(tuple(ok.shape), _kernel_strides(ok, None), 4, "silu") is None
+    assert kernels.conv_limits((2, 64, 16), (1024, 16, 1), 4, "silu") is None  # channel-first
+    init = torch.zeros(2, 260, 3)
+    assert "% 8" in kernels.conv_limits((2, 260, 16), _kernel_strides(torch.zeros(2, 260, 16), init), 4, "silu")
+    assert "width" in kernels.conv_limits((2, 64, 16), (1024, 16, 1), 5, "silu")
+    # the selector: auto falls back, an explicit request says why it cannot run
+    cuda_like = torch.zeros(1)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert kernels.select("conv", "auto", cuda_like, why) == "torch"
+    assert kernels.select("conv", "auto", cuda_like, None) == "kernel"
+    assert kernels.select("ssd", "auto", cuda_like) == "kernel"
+    with pytest.raises(RuntimeError, match="causal_conv1d kernel cannot run this conv call: channel-last"):
+        kernels.select("conv", "mamba_ssm", cuda_like, why)
+    with pytest.raises(ValueError, match="unknown conv backend 'causal_conv1d'"):
+        kernels.select("conv", "causal_conv1d", cuda_like, None)
+
+
+def test_kernel_selection_on_cpu_tensors_is_torch_and_mamba_ssm_refuses():
+    from twotower.model import kernels
+
+    x = torch.zeros(1, 8, 4)
+    assert kernels.select("conv", "auto", x, None) == "torch"
+    assert kernels.select("ssd", "torch", x) == "torch"
+    with pytest.raises(RuntimeError, match="needs the mamba_ssm package and CUDA tensors"):
+        kernels.select("ssd", "mamba_ssm", x)
+    # the mixer's own call path: auto on CPU runs (torch) whatever the strides
+    fused = torch.randn(1, 8, 260)
+    out = causal_conv1d(fused[..., :64].transpose(1, 2), torch.randn(64, 4), backend="auto")
+    assert out.y.shape == (1, 64, 8)

@@ -30,8 +30,7 @@ def test_nano_built_on_meta_device_has_31p58b_parameters(megatron_world1):
     from twotower.model.backbone import build_backbone
 
     cfg = nano()
-    with torch.device("meta"):
-        model = build_backbone(cfg, ParallelConfig(), perform_initialization=False)
+    model = build_backbone(cfg, ParallelConfig(), device="meta", perform_initialization=False)
     total = sum(p.numel() for p in model.parameters())
     buffers = sum(b.numel() for n, b in model.named_buffers() if n.endswith("expert_bias"))
     assert total + buffers == cfg.param_counts()["total"]
@@ -92,3 +91,44 @@ def test_hf_round_trip_of_config():
                                                      if k not in ("model_type", "architectures")}))
     for f in ("pattern", "hidden_size", "num_experts", "moe_topk", "moe_routed_scaling_factor", "mamba_num_heads"):
         assert getattr(back, f) == getattr(cfg, f), f
+
+
+# -- backends: chosen once, unknown values refused at config time, unavailable ones on the host ---------
+@pytest.mark.parametrize("key,value", [("transformer_impl", "te"), ("attention_backend", "flash"),
+                                       ("ssm_backend", "triton")])
+def test_unknown_backend_values_are_refused_naming_the_key(key, value):
+    with pytest.raises(ConfigError, match=rf"parallel\.{key}='{value}': use one of auto, "):
+        ParallelConfig(**{key: value})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this host may have the GPU backends")
+@pytest.mark.parametrize("key,value,needs", [
+    ("transformer_impl", "transformer_engine", "needs CUDA and transformer_engine"),
+    ("ssm_backend", "mamba_ssm", "needs CUDA and mamba_ssm \\+ causal_conv1d"),
+])
+def test_unavailable_backend_is_refused_with_what_is_installed(key, value, needs):
+    par = ParallelConfig(**{key: value})  # a valid value: accepted where the job is only composed
+    with pytest.raises(ConfigError, match=rf"parallel\.{key}='{value}' {needs}; installed here: CUDA no, "
+                                          r"transformer_engine no, mamba_ssm no, causal_conv1d no"):
+        par.check_host()
+    ParallelConfig(attention_backend="flex").check_host()  # FlexAttention runs on CPU (eager)
+
+
+def test_auto_resolves_once_to_what_this_host_has(megatron_world1):
+    from twotower.model import backends
+    from twotower.model.specs import get_hybrid_layer_specs
+
+    cuda = torch.cuda.is_available()
+    impl = backends.resolve("transformer_impl", "auto")
+    assert impl == ("transformer_engine" if cuda and backends.has_module("transformer_engine") else "local")
+    assert backends.resolve("attention_backend", "auto") == ("flex" if cuda else "sdpa")
+    assert backends.resolve("ssm_backend", "torch") == "torch"
+    specs = get_hybrid_layer_specs(BackboneConfig(), ParallelConfig())
+    assert specs.transformer_impl == impl
+    assert specs.fused_norm_symbols == ("M*" if impl == "transformer_engine" else "")
+    # mixers receive their linear layers from the spec
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    if impl == "local":
+        assert specs.mamba.submodules.in_proj is ColumnParallelLinear
+        assert specs.attention.submodules.linear_proj is RowParallelLinear

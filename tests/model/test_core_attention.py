@@ -109,3 +109,22 @@ def test_other_masks_keep_one_dense_call(monkeypatch, mask, sq, sk):
     out = SDPACoreAttention()(q, k, v, mask)
     assert calls == [(sq, sk)]
     assert (out - ref).abs().max().item() <= 1e-6
+
+
+@pytest.mark.slow
+def test_compiled_flex_decoding_compiles_once_for_every_offset_and_length():
+    """Decoding calls attention with a new key length and causal offset every block: FlexAttention
+    is compiled once with dynamic shapes (the offset is a tensor inside the mask), equal to SDPA."""
+    import torch._dynamo.utils as dynamo_utils
+
+    from twotower.model.core_attention import FlexCoreAttention, SDPACoreAttention
+
+    torch._dynamo.reset()
+    flex, ref = FlexCoreAttention(compile=True), SDPACoreAttention()
+    graphs = []
+    for sk in (20, 36, 52):
+        q, k, v = torch.randn(1, 4, 16, 16), torch.randn(1, 2, sk, 16), torch.randn(1, 2, sk, 16)
+        for mask in (MaskSpec.causal(offset=sk - 16), MaskSpec.full()):
+            torch.testing.assert_close(flex(q, k, v, mask), ref(q, k, v, mask), atol=1e-5, rtol=1e-5)
+        graphs.append(dynamo_utils.counters["stats"]["unique_graphs"])
+    assert graphs[0] >= 1 and graphs[0] == graphs[-1], graphs  # no recompilation after the first block

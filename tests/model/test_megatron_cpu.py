@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from twotower.model import megatron_cpu
+from twotower.model import megatron_cpu, megatron_fixes, parallel_init
 
 pytestmark = pytest.mark.skipif(not megatron_cpu.CPU_ONLY, reason="CPU-only patches (CUDA available)")
 
@@ -31,7 +31,7 @@ def test_replace_fails_loudly_when_the_attribute_is_gone():
 
 
 def test_megatron_version_is_one_the_bug_fixes_were_verified_for():
-    assert megatron_cpu._mcore_version().startswith(megatron_cpu._BUGFIX_MCORE)
+    assert megatron_fixes.mcore_version().startswith(megatron_fixes.VERIFIED_MCORE)
 
 
 # -- 1. current_device --------------------------------------------------------------------------------
@@ -39,6 +39,10 @@ def test_current_device_is_cpu():
     dev = torch.cuda.current_device()
     assert dev == torch.device("cpu")
     assert torch.empty(2, device=torch.cuda.current_device()).device.type == "cpu"
+    with torch.device("meta"):  # a model built on meta gets megatron's current_device() buffers there too
+        assert torch.cuda.current_device() == torch.device("meta")
+        assert torch.empty(2).device.type == "meta"  # the factory wrappers keep the device context
+    assert torch.cuda.current_device() == torch.device("cpu")
 
 
 # -- 2. streams / events ------------------------------------------------------------------------------
@@ -224,7 +228,7 @@ def test_init_optimizer_states_keeps_weights_and_zeroes_state(megatron_world1):
         OptimizerConfig(optimizer="adam", lr=0.1, weight_decay=0.5, use_distributed_optimizer=True), [ddp]
     )
     for o in opt.chained_optimizers:
-        megatron_cpu.init_optimizer_states(o)
+        megatron_fixes.init_optimizer_states(o)
         states = list(o.optimizer.state.values())
         assert states and all(float(s["step"]) == 0.0 and not s["exp_avg"].any() for s in states)
         assert len({id(s["step"]) for s in states}) == len(states)  # one step tensor per param
@@ -247,12 +251,12 @@ def test_init_parallel_without_torchrun_env_is_one_process_and_cleans_up(monkeyp
 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
-    megatron_cpu.init_parallel(tp=1, seed=3)
+    parallel_init.init_parallel(tp=1, seed=3)
     try:
         from megatron.core import parallel_state
 
         assert torch.distributed.get_world_size() == 1 and parallel_state.model_parallel_is_initialized()
     finally:
-        megatron_cpu.destroy_parallel()
+        parallel_init.destroy_parallel()
     assert not torch.distributed.is_initialized()
     assert "RANK" not in os.environ and "MASTER_PORT" not in os.environ

@@ -58,7 +58,7 @@ def test_sharded_keys_are_layout_independent(megatron_world1, ctx_ckpt):
 def test_reshard_tp2_ep2_pp2_tp1(torchrun, tmp_path, ctx_ckpt):
     import sharding_reshard as sr
 
-    from twotower.model.megatron_cpu import destroy_parallel, init_parallel
+    from twotower.model.parallel_init import destroy_parallel, init_parallel
 
     # save at TP=2+SP, reload at TP=2, EP=2 and PP=2; save at PP=2 (each stage writes its layers)
     proc = torchrun(SCRIPT, nproc=2, args=["--ctx", ctx_ckpt, "--work", tmp_path, "--steps",

@@ -26,7 +26,7 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(checkpoints):
     """TP=1 oracle, in a fresh process-group (module-scoped fixture cannot use megatron_world1)."""
-    from twotower.model.megatron_cpu import destroy_parallel, init_parallel
+    from twotower.model.parallel_init import destroy_parallel, init_parallel
 
     init_parallel()
     try:

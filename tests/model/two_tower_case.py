@@ -43,6 +43,8 @@ def run_case(ckpt_ctx: str, ckpt_den: str, parallel) -> tuple[float, dict[str, t
     masked = torch.rand(B, L, generator=g) < t.repeat_interleave(S, 1)
     xt = torch.where(masked, torch.full_like(x0, MASK), x0)
 
+    dev = next(model.parameters()).device  # the builder's device (CUDA under NCCL, else the CPU)
+    x0, xt, t, masked = (v.to(dev) for v in (x0, xt, t, masked))
     dp = parallel_state.get_data_parallel_world_size()
     r = parallel_state.get_data_parallel_rank()
     rows = slice(r * B // dp, (r + 1) * B // dp)

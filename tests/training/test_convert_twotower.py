@@ -53,7 +53,7 @@ def imported(released):
 
 
 def test_released_folder_imports_to_the_reference_function(released, imported):
-    from twotower.model.megatron_cpu import destroy_parallel
+    from twotower.model.parallel_init import destroy_parallel
     from twotower.training.inference_model import load_for_inference
 
     reference = ReleasedTwoTower(json.loads((released / "config.json").read_text()), _folder_tensors(released))
@@ -114,7 +114,7 @@ def test_verify_names_the_first_mismatching_tensor(imported, released, tmp_path,
 def test_a_trained_run_exports_and_decodes_like_its_checkpoint(tmp_path):
     """A few training steps, then export: the exported model's three greedy decoders give the
     checkpoint's tokens (what twotower-generate prints for it)."""
-    from twotower.model.megatron_cpu import destroy_parallel
+    from twotower.model.parallel_init import destroy_parallel
     from twotower.training.inference_model import load_for_inference
     hf = tmp_path / "backbone"
     tiny_hf_model("all_types", seed=41).save_pretrained(hf)
@@ -156,7 +156,7 @@ def test_a_trained_run_exports_and_decodes_like_its_checkpoint(tmp_path):
 def test_import_at_another_layout_writes_the_same_checkpoint(torchrun, released, imported, tmp_path, layout):
     """Each rank reads only its slices of the released folder; the checkpoint's content equals
     the single-process import (itself checked against the reference above)."""
-    from twotower.model.megatron_cpu import destroy_parallel
+    from twotower.model.parallel_init import destroy_parallel
     from twotower.training.inference_model import load_for_inference
 
     torchrun(REPO / "training" / "convert.py", nproc=2,

@@ -32,6 +32,9 @@ def test_tiny_memory_by_hand():
     # -> 96 values * 2 bytes + context K/V 2*k*e*2 bytes = 16 -> 208 bytes * L=8
     assert m["activations"] == pytest.approx(208 * 8)
     assert m["logits (fp32+bf16)"] == 8 * 10 * 6 and m["mamba boundary states (1 layer)"] == 0
+    # adaLN, 2 layers kept (recompute=mamba reruns M layers only): 2 h values * 2 bytes * L, plus the
+    # per-sequence (shift, scale, gate) vectors 3 h * 2 bytes per layer (never per token)
+    assert m["adaLN modulation (denoiser)"] == pytest.approx(2 * (2 * 8 * 2 * 8) + 2 * 3 * 8 * 2)
     assert p.memory_gib["fixed overhead"] == 4.0
     assert p.fits and p.tokens_per_step == 8
 
@@ -72,3 +75,34 @@ def test_cli_prints_table():
     out = subprocess.run([sys.executable, "-m", "twotower.training.planner", "--gpus", "256", "--ep", "16",
                           "--tokens", "2.1e12"], capture_output=True, text=True, check=True).stdout
     assert "per-GPU memory" in out and "fits" in out and "days for the token budget" in out
+
+
+def test_adaln_counts_per_token_extras_and_per_block_vectors_not_per_token():
+    cfg = BackboneConfig(**dict(TINY, pattern="M*-"))
+    seq = plan(cfg, ParallelConfig(), num_gpus=1, global_batch=1, recompute="none", **KW)
+    blk = plan(cfg, ParallelConfig(), num_gpus=1, global_batch=1, recompute="none", time_per_block=True, **KW)
+    mam = plan(cfg, ParallelConfig(), num_gpus=1, global_batch=1, recompute="mamba", **KW)
+    key, h, L = "adaLN modulation (denoiser)", 8, 8
+    per_token = 3 * L * 2 * h * 2  # three layers kept, 2 h bf16 values per token each
+    assert seq.memory_gib[key] * GIB == pytest.approx(per_token + 3 * 3 * h * 2)
+    assert blk.memory_gib[key] * GIB == pytest.approx(per_token + 3 * (L // 4) * 3 * h * 2)  # 2 blocks
+    assert mam.memory_gib[key] * GIB == pytest.approx(per_token * 2 / 3 + 3 * 3 * h * 2)  # M layer rerun
+
+
+def test_mfu_is_an_input_with_its_source(tmp_path):
+    import json
+
+    from twotower.training.planner import ASSUMED_MFU, measured_mfu
+
+    cfg = BackboneConfig(**TINY)
+    assumed = plan(cfg, ParallelConfig(), num_gpus=1, global_batch=1, **KW)
+    assert f"mfu={ASSUMED_MFU:g}: assumed (no GPU measurement" in assumed.table()
+    f = tmp_path / "mfu.json"
+    f.write_text(json.dumps({"gpu": "NVIDIA H100 80GB HBM3", "ar": {"mfu": 0.5}, "twotower": {"mfu": 0.42}}))
+    mfu, source = measured_mfu(str(f))
+    measured = plan(cfg, ParallelConfig(), num_gpus=1, global_batch=1, mfu=mfu, mfu_source=source, **KW)
+    assert "mfu=0.42: measured on NVIDIA H100 80GB HBM3" in measured.table()
+    assert measured.step_time_s == pytest.approx(assumed.step_time_s * ASSUMED_MFU / 0.42)
+    f.write_text("{}")
+    with pytest.raises(PlanError, match="not a bench_gpu_mfu.py --json file"):
+        measured_mfu(str(f))

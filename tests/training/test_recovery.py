@@ -36,7 +36,7 @@ def _cfg(run: Path, steps: int, *extra: str) -> list[str]:
 
 @contextmanager
 def trainer(compose_config, overrides):
-    from twotower.model.megatron_cpu import destroy_parallel
+    from twotower.model.parallel_init import destroy_parallel
     from twotower.training.trainer import Trainer
 
     tr = None

@@ -41,7 +41,7 @@ def _losses(run: Path) -> list[tuple[int, float]]:
 
 
 def _run(compose_config, overrides, signal_after: int = 0):
-    from twotower.model.megatron_cpu import destroy_parallel
+    from twotower.model.parallel_init import destroy_parallel
     from twotower.training.trainer import Trainer
 
     tr = None
@@ -112,7 +112,7 @@ def test_next_phase_starts_from_the_previous_phases_weights_only(compose_config,
     optimizer and LR schedule at step 0, and a different block size (32 -> 16 in the paper)."""
     _, w_phase1, _, _ = _run(compose_config, _overrides(corpus, tmp_path / "p1", K))
     init = tmp_path / "p1" / "ckpt" / f"step_{K:08d}"
-    from twotower.model.megatron_cpu import destroy_parallel
+    from twotower.model.parallel_init import destroy_parallel
     from twotower.training.trainer import Trainer
 
     tr = Trainer(compose_config(*_overrides(corpus, tmp_path / "p2", N, f"checkpoint.init_from={init}",

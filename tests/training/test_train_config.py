@@ -115,3 +115,12 @@ def test_multirun_sweeps_in_one_process(tmp_path):
         rows = [json.loads(x) for x in (tmp_path / f"lr{lr}" / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows if "loss" in r] == [1, 2]
         assert rows[0]["lr"] == pytest.approx(lr)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this host may have Transformer Engine")
+def test_transformer_engine_is_refused_on_this_host_but_not_where_a_job_is_submitted(compose_config):
+    cfg = compose_config("experiment=smoke_cpu", "parallel.transformer_impl=transformer_engine")
+    cfg.validate(1, check_host=False)  # twotower-launch on a login node: the nodes decide
+    with pytest.raises(ConfigError, match=r"parallel\.transformer_impl='transformer_engine' needs CUDA and "
+                                          r"transformer_engine; installed here: CUDA no"):
+        cfg.validate(1)

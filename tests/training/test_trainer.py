@@ -11,7 +11,7 @@ import torch
 
 @contextmanager
 def trainer_for(compose_config, *overrides):
-    from twotower.model.megatron_cpu import destroy_parallel
+    from twotower.model.parallel_init import destroy_parallel
     from twotower.training.trainer import Trainer
 
     trainer = Trainer(compose_config(*overrides))

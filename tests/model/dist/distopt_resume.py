@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 import sys
 
-import twotower.model  # noqa: F401  (applies the CPU runtime layer before megatron is imported)
-from twotower.model import megatron_cpu
+from twotower.model import megatron_cpu, megatron_fixes, parallel_init
+
+megatron_cpu.apply()  # explicit: importing twotower.model patches nothing
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state
@@ -51,7 +52,7 @@ class Net(MegatronModule):
 
 def build(seed):
     torch.manual_seed(seed)
-    megatron_cpu.init_parallel(
+    parallel_init.init_parallel(
         tp=1, seed=seed
     ) if not parallel_state.model_parallel_is_initialized() else None
     cfg = TransformerConfig(num_layers=1, hidden_size=H, num_attention_heads=1, use_cpu_initialization=True)
@@ -96,14 +97,14 @@ def adam_steps(opt):
 def resume(ckpt, first, unpatched):
     """Fresh model + optimizer (other init), load ``ckpt``, train steps K..N; returns (losses, steps)."""
     ddp, opt = build(99)  # a different init: everything must come from the checkpoint
-    # no explicit megatron_cpu.init_optimizer_states(): the patched state_dict() initialises the
+    # no explicit megatron_fixes.init_optimizer_states(): the patched state_dict() initialises the
     # empty torch-Adam states that sharded_state_dict(is_loading=True) needs
     sd = {"model": ddp.module.sharded_state_dict()}
     sd["optimizer"] = opt.sharded_state_dict(sd["model"], is_loading=True, metadata=META)
     loaded = dist_checkpointing.load(sd, ckpt)
     ddp.module.load_state_dict(loaded["model"])
     if unpatched:  # megatron's own DistributedOptimizer.load_state_dict
-        orig = megatron_cpu._ORIG["mcore.DistributedOptimizer.load_state_dict"]
+        orig = megatron_fixes._ORIG["mcore.DistributedOptimizer.load_state_dict"]
         for o in getattr(opt, "chained_optimizers", [opt]):
             orig(o, loaded["optimizer"])
     else:
@@ -115,7 +116,7 @@ def resume(ckpt, first, unpatched):
 
 def main():
     ckpt_root = sys.argv[1]
-    megatron_cpu.init_parallel(tp=1, seed=7)
+    parallel_init.init_parallel(tp=1, seed=7)
     rank = torch.distributed.get_rank()
     assert parallel_state.get_data_parallel_world_size() == 2
 
@@ -146,7 +147,7 @@ def main():
         assert final == [float(N)], f"{sharding}: Adam step after training {final} != {N}"
         assert losses == ref, f"{sharding}: resumed losses {losses} != uninterrupted {ref}"
         print(f"rank{rank} {sharding} RESUME_EXACT", flush=True)
-    megatron_cpu.destroy_parallel()
+    parallel_init.destroy_parallel()
 
 
 if __name__ == "__main__":  # the torch_dist writer spawns a multiprocessing manager

@@ -26,7 +26,7 @@ def main() -> None:
     from twotower.model.backbone import build_backbone
     from twotower.model.config import BackboneConfig, ParallelConfig
     from twotower.model.hf_import import load_hf_backbone
-    from twotower.model.megatron_cpu import init_parallel
+    from twotower.model.parallel_init import init_parallel
 
     init_parallel(tp=args.tp, ep=args.ep)
     rank = torch.distributed.get_rank()

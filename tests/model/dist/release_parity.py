@@ -24,7 +24,7 @@ def main() -> None:
 
     from twotower.model.cache import TowerCache
     from twotower.model.config import BackboneConfig, ParallelConfig
-    from twotower.model.megatron_cpu import init_parallel
+    from twotower.model.parallel_init import init_parallel
     from twotower.model.released_format import load_released_twotower
     from twotower.model.two_tower import TwoTowerConfig, build_two_tower
 

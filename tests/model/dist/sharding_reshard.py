@@ -111,7 +111,7 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).parents[1]))
     from megatron.core import parallel_state as ps
-    from twotower.model.megatron_cpu import init_parallel
+    from twotower.model.parallel_init import init_parallel
 
     rank = None
     for step in args.steps.split(","):

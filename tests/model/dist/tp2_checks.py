@@ -12,8 +12,9 @@ from __future__ import annotations
 
 # the CPU runtime layer must be applied before megatron is imported: keep this import order
 # isort: off
-import twotower.model  # noqa: F401  (CPU runtime layer first)
-from twotower.model import megatron_cpu
+from twotower.model import megatron_cpu, parallel_init
+
+megatron_cpu.apply()  # explicit: importing twotower.model patches nothing
 
 import torch
 from megatron.core import parallel_state
@@ -121,13 +122,13 @@ def check_all_to_all() -> None:
 
 
 def main() -> None:
-    megatron_cpu.init_parallel(tp=2, seed=1)
+    parallel_init.init_parallel(tp=2, seed=1)
     check_tp_linear(sequence_parallel=False)
     check_tp_linear(sequence_parallel=True)
     check_all_to_all()
     torch.distributed.barrier()
     print(f"rank{torch.distributed.get_rank()} TP2_OK", flush=True)
-    megatron_cpu.destroy_parallel()
+    parallel_init.destroy_parallel()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def main() -> None:
     from two_tower_case import run_case
 
     from twotower.model.config import ParallelConfig
-    from twotower.model.megatron_cpu import init_parallel
+    from twotower.model.parallel_init import init_parallel
 
     init_parallel(tp=args.tp, ep=args.ep)
     par = ParallelConfig(

@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--distopt", type=int, default=0)
     args = ap.parse_args()
-    from twotower.model.megatron_cpu import init_parallel
+    from twotower.model.parallel_init import init_parallel
     from twotower.training.checkpoint import CheckpointConfig, Checkpointer
 
     init_parallel(seed=5)

@@ -13,7 +13,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parents[1]))
     from train_helpers import compose
 
-    from twotower.model.megatron_cpu import destroy_parallel
+    from twotower.model.parallel_init import destroy_parallel
     from twotower.training.trainer import Trainer
 
     trainer = Trainer(compose(*overrides))
