@@ -67,12 +67,14 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--limit", type=int, default=16, help="prompts per task")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0, help="of the per-repeat variant order")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's; 1 is often faster on a shared, busy machine)")
     ap.add_argument("--out", required=True, help="folder for bench.md, bench.json, bench.png")
     return ap
 
 
 def _check(ap: argparse.ArgumentParser, args) -> None:
-    check_counts(ap, args, ("steps_per_block", "repeats", "limit", "max_new_tokens"))
+    check_counts(ap, args, ("steps_per_block", "repeats", "limit", "max_new_tokens", "threads"))
     for name in ("gammas", "block_sizes", "batch_sizes"):
         if not getattr(args, name):
             ap.error(f"--{name.replace('_', '-')} is empty")
@@ -101,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     from twotower.training.quiet import quiet_third_party
 
     quiet_third_party()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return _run(args)
     except EvalUsageError as e:

@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-gen-toks", type=int, default=64, help="generation budget of the local tasks")
     ap.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
     ap.add_argument("--num-fewshot", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's; 1 is often faster on a shared, busy machine)")
     ap.add_argument("--out", required=True, help="folder for eval.md, eval.json and tasks/")
     return ap
 
@@ -65,7 +67,7 @@ def check_counts(ap: argparse.ArgumentParser, args, names: tuple[str, ...]) -> N
 def main(argv: list[str] | None = None) -> int:
     ap = _parser()
     args = ap.parse_args(argv)
-    check_counts(ap, args, ("block_size", "steps_per_block", "batch_size", "max_gen_toks", "limit"))
+    check_counts(ap, args, ("block_size", "steps_per_block", "batch_size", "max_gen_toks", "limit", "threads"))
     if args.decoder not in ("diffusion", "mock_ar"):
         ap.error(f"--decoder={args.decoder!r}: unknown two-tower decoder; use diffusion or mock_ar (AR always runs)")
     try:
@@ -75,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     from twotower.training.quiet import quiet_third_party
 
     quiet_third_party()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return _run(args)
     except EvalUsageError as e:
