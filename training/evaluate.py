@@ -102,10 +102,10 @@ def _run(args) -> int:
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     sel = select_tasks(args.tasks.split(","))
+    check_source(args.run, args.checkpoint, args.hf)
     out = Path(args.out)
     yaml_dir = write_task_yamls(sel.local, out / "tasks", args.max_gen_toks) if sel.local else None
     tm = task_manager(sel, yaml_dir)
-    check_source(args.run, args.checkpoint, args.hf)
     print(f"[eval] loading {args.run or args.checkpoint or args.hf}", flush=True)
     em = open_model(args.run, args.checkpoint, args.hf, args.backbone, args.tokenizer)
     S = args.block_size or em.training_block

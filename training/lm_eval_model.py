@@ -36,7 +36,8 @@ from twotower.training.eval_model import (
     warn_block_size,
 )
 
-_INT_ARGS = ("block_size", "steps_per_block", "max_gen_toks", "max_length")
+#: what lm-eval's evaluator adds to every model's arguments; the model runs where it was loaded
+_HARNESS_ARGS = ("max_batch_size", "device")
 
 
 @register_model("twotower")
@@ -47,8 +48,13 @@ class TwoTowerLM(TemplateLM):
                  backbone: str | None = None, tokenizer: str | None = None, decoder: str = "diffusion",
                  gamma: float = 0.8, block_size: int | None = None, steps_per_block: int | None = None,
                  batch_size: int | str = 1, max_gen_toks: int = 256, max_length: int = 4096,
-                 model: EvalModel | None = None, **ignored) -> None:
+                 model: EvalModel | None = None, **extra) -> None:
         super().__init__()
+        unknown = sorted(k for k, v in extra.items() if k not in _HARNESS_ARGS and v is not None)
+        if unknown:  # a typo (gama=0.5) must not silently evaluate the default
+            raise EvalUsageError(f"twotower model args: unknown {', '.join(unknown)}; known: run, checkpoint, hf, "
+                                 "backbone, tokenizer, decoder, gamma, block_size, steps_per_block, batch_size, "
+                                 "max_gen_toks, max_length")
         kw = dict(block_size=block_size, steps_per_block=steps_per_block, max_gen_toks=max_gen_toks,
                   max_length=max_length)
         try:

@@ -88,9 +88,20 @@ def test_gamma_above_one_is_allowed_and_unknown_decoders_are_named():
 
 @pytest.mark.slow  # lm-eval indexes its ~10k built-in task files to know every name
 def test_unknown_task_is_named_before_the_model(tasks, tmp_path, capsys):
-    rc, err = _run(evaluate.main, ["--hf", "/nonexistent/model", "--tasks", f"local:{tasks},no_such_task_xyz",
+    model = _write(tmp_path / "model" / "config.json", json.dumps(
+        {"model_type": "nemotron_h", "architectures": ["NemotronHTwoTowerForCausalLM"]}))
+    rc, err = _run(evaluate.main, ["--hf", str(model), "--tasks", f"local:{tasks},no_such_task_xyz",
                                    "--out", str(tmp_path / "out")], capsys)
     assert rc == 2 and "unknown task(s): no_such_task_xyz" in err
+
+
+def test_unknown_model_args_are_named():
+    from twotower.training.lm_eval_model import TwoTowerLM
+
+    with pytest.raises(EvalUsageError, match="unknown gama"):
+        TwoTowerLM(hf="/x", gama=0.5)
+    with pytest.raises(EvalUsageError, match="decoder='greedy'"):
+        TwoTowerLM(hf="/x", decoder="greedy")
 
 
 def _write(path: Path, text: str) -> Path:

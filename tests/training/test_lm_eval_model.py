@@ -177,3 +177,32 @@ def test_twotower_eval_writes_the_table(folder, tmp_path):
     md = (out / "eval.md").read_text()
     assert "quality retained" in md and "| t1 |" in md and "**mean**" in md
     assert (out / "tasks" / "t1.yaml").exists()
+
+
+def test_likelihood_task_through_lm_evals_evaluator(em, tmp_path):
+    """A multiple-choice task (the MMLU kind) over a local file: lm-eval picks the choice with the
+    highest log-likelihood; the accuracy equals the one from the context tower's log-probs."""
+    import lm_eval
+    import yaml
+    from lm_eval.tasks import TaskManager
+
+    docs = [{"q": "abc=", "choices": [" x", " yz", " 1"], "gold": 0},
+            {"q": "Hello,", "choices": [" world", " there"], "gold": 1},
+            {"q": "1+1=", "choices": ["2", "3", "11"], "gold": 2}]
+    (tmp_path / "mc.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    config = {"task": "mc_local", "dataset_path": "json",
+              "dataset_kwargs": {"data_files": {"test": str(tmp_path / "mc.jsonl")}}, "test_split": "test",
+              "output_type": "multiple_choice", "doc_to_text": "q", "doc_to_choice": "{{choices}}",
+              "doc_to_target": "gold", "target_delimiter": "", "metric_list": [{"metric": "acc"}],
+              "metadata": {"version": 1.0}}
+    (tmp_path / "yaml").mkdir()
+    (tmp_path / "yaml" / "mc_local.yaml").write_text(yaml.safe_dump(config))
+    tm = TaskManager(include_path=str(tmp_path / "yaml"), include_defaults=False)
+    res = lm_eval.simple_evaluate(model=TwoTowerLM(model=em, decoder="diffusion", batch_size=4), tasks=["mc_local"],
+                                  task_manager=tm, bootstrap_iters=0)
+    correct = 0
+    for d in docs:
+        ctx = em.tokenizer.encode(d["q"])
+        scores = [_direct_logprob(em, ctx, em.tokenizer.encode(c)) for c in d["choices"]]
+        correct += max(range(len(scores)), key=scores.__getitem__) == d["gold"]
+    assert res["results"]["mc_local"]["acc,none"] == pytest.approx(correct / len(docs))
