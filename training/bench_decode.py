@@ -33,6 +33,7 @@ import random
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from twotower.training.eval_model import EvalInputError, EvalUsageError, check_decoder_args
@@ -65,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps-per-block", type=int, default=None, help="default: the block size")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--limit", type=int, default=16, help="prompts per task")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=48, help="a multiple of every block size")
     ap.add_argument("--seed", type=int, default=0, help="of the per-repeat variant order")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's; 1 is often faster on a shared, busy machine)")
@@ -132,6 +133,10 @@ def _run(args) -> int:
     for S in args.block_sizes:
         warn_block_size(S, em.training_block)
     prompts = [em.tokenizer.encode(r["prompt"]) for r in records]
+    longest = max(len(em.tokenizer.encode(r["answer"])) for r in records) + 1  # + the newline that ends it
+    if longest > args.max_new_tokens:
+        warnings.warn(f"answers need up to {longest} tokens (with the newline) but --max-new-tokens="
+                      f"{args.max_new_tokens}: exact match undercounts the longer ones", stacklevel=1)
     warmup(em, ["ar", "diffusion"], min(args.block_sizes))
     variants = run_bench(em, prompts, [r["answer"] for r in records], args)
     settings = {"model": em.source, "training_block_size": em.training_block, "prompts": len(prompts),
