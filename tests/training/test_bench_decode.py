@@ -75,7 +75,9 @@ def test_gamma_above_one_commits_one_token_per_forward(em, batch):
     assert seen == [1, 2, 3, 4, 1, 2, 3, 4]  # one more committed position per denoiser forward
 
 
-def test_bench_writes_tables_and_plot_with_finite_numbers(folder, tmp_path):
+def test_bench_writes_tables_and_plot_with_finite_numbers(em, folder, tmp_path, monkeypatch):
+    # the command destroys the process group when done; the module's model still needs it
+    monkeypatch.setattr("twotower.model.megatron_cpu.destroy_parallel", lambda: None)
     write_tasks(tmp_path / "tasks", {"t1": [(p, "x") for p in PROMPTS[:2]], "t2": [(PROMPTS[2], "y")]})
     out = tmp_path / "bench"
     rc = main(["--hf", str(folder), "--tokenizer", "byte", "--tasks", f"local:{tmp_path / 'tasks'}",
