@@ -72,6 +72,8 @@ def check_source(run: str | None, checkpoint: str | None, hf: str | None) -> Non
     path = Path(run if run is not None else checkpoint)
     if not path.exists():
         raise EvalInputError(f"{'run' if run is not None else 'checkpoint'}={path}: no such file or folder")
+    if run is not None and not (path / "config.yaml").exists():
+        raise EvalInputError(f"run={path}: no config.yaml (not a twotower-train run directory)")
 
 
 def _message(e: BaseException) -> str:

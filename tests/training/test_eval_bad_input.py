@@ -157,3 +157,11 @@ def test_a_folder_that_is_not_a_twotower(kind, main, tasks, tmp_path, capsys):
     expected = {"missing": "no such folder", "no_config": "no config.json", "other_model": "model_type='llama'",
                 "backbone": "a NemotronH backbone (no denoiser_tower), not a TwoTower"}[kind]
     assert expected in err, err
+
+
+@pytest.mark.parametrize("source, named", [(["--run", "{tmp}"], "no config.yaml (not a twotower-train run directory)"),
+                                           (["--run", "{tmp}/nope"], "no such file or folder"),
+                                           (["--checkpoint", "{tmp}/nope"], "no such file or folder")])
+def test_a_run_or_checkpoint_that_is_not_there(source, named, tasks, tmp_path, capsys):
+    rc, err = _eval([], tasks, tmp_path / "out", capsys, source=[s.format(tmp=tmp_path) for s in source])
+    assert rc == 5 and named in err, err
