@@ -4,20 +4,21 @@ Each document is one task instance, ``"<prompt><answer>\\n"``, and the answer is
 prompt, so a model that has learned the task can write the whole answer (and a block-diffusion
 denoiser can commit many of its tokens per forward). Tasks:
 
-=========  ===================================  =========================
+=========  ===================================  =========================================
 task       prompt                               answer
-=========  ===================================  =========================
+=========  ===================================  =========================================
 copy       ``copy: hbkagep > ``                 ``hbkagep``
-count      ``count 397 to 402 > ``              ``397 398 399 400 401 402``
-countdown  ``down 402 to 397 > ``               ``402 401 400 399 398 397``
-skip       ``by 4 from 97 to 113 > ``           ``97 101 105 109 113``
-=========  ===================================  =========================
+count      ``count from 397 > ``                ``397 398 399 400 401 402 403 404``
+countdown  ``down from 402 > ``                 ``402 401 400 399 398 397 396 395``
+skip       ``by 4 from 97 > ``                  ``97 101 105 109 113 117 121 125``
+=========  ===================================  =========================================
 
 Why these: the demo's backbone trains for ~4 minutes on 2 CPU cores. Counting-like tasks (a local
-successor rule plus a stopping point read from the prompt) are learned to > 90% exact match in
-that budget; copying needs an induction mechanism that a model this small forms late, so copy
-shows what happens on a task the backbone has only partly learned. (Reversal, sorting and
-key-value recall were tried at this budget: the backbone solved none of them.)
+successor rule, the step read from the prompt, always 8 numbers) are learned in that budget;
+when the length was given as an end value (``count 397 to 402``) the backbone counted right but
+stopped at a length it guessed (17% exact match). Copying needs an induction mechanism that a
+model this small forms late: copy shows a task the backbone has not learned. (Reversal, sorting
+and key-value recall were tried at this budget too: the backbone solved none of them.)
 
 :func:`write_corpus` writes the training documents as ``.jsonl`` (``{"text": ...}``, the input of
 ``twotower-tokenize``); :func:`write_task_files` writes held-out prompts, per task
@@ -35,6 +36,7 @@ from pathlib import Path
 
 LETTERS = "abcdefghijklmnop"
 TRAIN_SEED, HELDOUT_SEED = 0, 10_000
+TERMS = 8  # numbers in a counting answer: a fixed length, so stopping needs no look-up
 
 
 def _word(r: random.Random, lo: int, hi: int) -> str:
@@ -52,20 +54,17 @@ def _numbers(values: range) -> str:
 
 def _count(r: random.Random) -> tuple[str, str]:
     start = r.randrange(10, 990)
-    end = start + r.randint(4, 8)
-    return f"count {start} to {end} > ", _numbers(range(start, end + 1))
+    return f"count from {start} > ", _numbers(range(start, start + TERMS))
 
 
 def _countdown(r: random.Random) -> tuple[str, str]:
     start = r.randrange(20, 1000)
-    end = start - r.randint(4, 8)
-    return f"down {start} to {end} > ", _numbers(range(start, end - 1, -1))
+    return f"down from {start} > ", _numbers(range(start, start - TERMS, -1))
 
 
 def _skip(r: random.Random) -> tuple[str, str]:
-    step, start = r.randint(2, 9), r.randrange(10, 900)
-    end = start + step * r.randint(4, 7)
-    return f"by {step} from {start} to {end} > ", _numbers(range(start, end + 1, step))
+    step, start = r.randint(2, 9), r.randrange(10, 930)
+    return f"by {step} from {start} > ", _numbers(range(start, start + step * TERMS, step))
 
 
 TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {

@@ -79,7 +79,7 @@ def plot_losses(ar_rows: list[dict], tt_rows: list[dict], resume_step: int | Non
     return path
 
 
-def plot_gamma(bench_json: dict, eval_json: dict, path: Path) -> Path:
+def plot_gamma(bench_json: dict, path: Path) -> Path:
     """Throughput x AR and exact match against gamma, per batch size (the benchmark's variants)."""
     import matplotlib
 
@@ -88,17 +88,19 @@ def plot_gamma(bench_json: dict, eval_json: dict, path: Path) -> Path:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     variants = bench_json["variants"]
+    colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4)
     for bs in sorted({v["batch_size"] for v in variants}):
         for S in sorted({v["block_size"] for v in variants if v["decoder"] == "diffusion"}):
+            c = next(colors)
             pts = sorted((v["gamma"], v["ratio_vs_ar"], v["exact_match"], v["tokens_per_forward"]) for v in variants
                          if v["decoder"] == "diffusion" and v["batch_size"] == bs and v["block_size"] == S)
             g = [p[0] for p in pts]
-            a.plot(g, [p[1] for p in pts], "o-", label=f"tokens/s x AR, batch {bs}, S={S}")
-            a.plot(g, [p[3] for p in pts], "s:", label=f"tokens/forward, batch {bs}, S={S}")
-            b.plot(g, [p[2] for p in pts], "o-", label=f"diffusion, batch {bs}, S={S}")
+            a.plot(g, [p[1] for p in pts], "o-", color=c, label=f"tokens/s x AR, batch {bs}, S={S}")
+            a.plot(g, [p[3] for p in pts], "s:", color=c, label=f"tokens/forward, batch {bs}, S={S}")
+            b.plot(g, [p[2] for p in pts], "o-", color=c, label=f"diffusion, batch {bs}, S={S}")
         ar = [v for v in variants if v["decoder"] == "ar" and v["batch_size"] == bs]
         if ar:
-            b.axhline(ar[0]["exact_match"], ls="--", color="grey", label=f"AR, batch {bs}")
+            b.axhline(ar[0]["exact_match"], ls="--", color=c, label=f"AR, batch {bs}")
     a.axhline(1.0, color="black", lw=0.8)
     a.set(title="speed vs confidence threshold", xlabel="gamma", ylabel="x AR  /  tokens per forward")
     b.set(title="quality vs confidence threshold", xlabel="gamma", ylabel="exact match", ylim=(-0.02, 1.02))
@@ -146,6 +148,17 @@ def _targets_md(t: dict) -> str:
     return "\n".join(lines) + f"\n\n{verdict}\n"
 
 
+def _bench_reading(bench_json: dict, gamma: float) -> str:
+    """The benchmark's batch-1 numbers at ``gamma``: a second, independent timing of the same model."""
+    v = {(x["decoder"], x["gamma"], x["batch_size"]): x for x in bench_json["variants"]}
+    df, ar = v.get(("diffusion", gamma, 1)), v.get(("ar", None, 1))
+    if df is None or ar is None:
+        return ""
+    return (f"Second reading (the benchmark below, its own prompts and timing, batch 1, block {df['block_size']}): "
+            f"{df['tokens_per_forward']:.2f} tokens/forward, {df['ratio_vs_ar']:.2f}x AR tokens/s, exact match "
+            f"{df['exact_match']:.1%} vs AR {ar['exact_match']:.1%} (all tasks, generating to eos).\n")
+
+
 def _generations(out: Path) -> str:
     log = out / "logs" / "generate.log"
     lines = log.read_text(errors="replace").splitlines() if log.exists() else []
@@ -159,7 +172,7 @@ def write_report(out: Path, gamma: float, times: dict, settings: dict) -> dict:
     bench_json = json.loads((out / "bench" / "bench.json").read_text())
     resume = settings.get("steps", 0) // 2 or None
     loss_png = plot_losses(ar_rows, tt_rows, resume, out / "plots" / "loss.png")
-    gamma_png = plot_gamma(bench_json, eval_json, out / "plots" / "gamma.png")
+    gamma_png = plot_gamma(bench_json, out / "plots" / "gamma.png")
     t = targets(eval_json, gamma)
     last = {k: (loss_curve(rows, k) or [(None, None)])[-1][1]
             for rows, k in ((ar_rows, "val/ar_nll"), (tt_rows, "val/nelbo"))}
@@ -175,12 +188,14 @@ Machine: {summary['machine']}.
 Wall time {summary['total_seconds']:.0f} s: {stage_md}.
 Backbone: {settings['ar_steps']} AR steps (val AR NLL {_fmt(last['val/ar_nll'])} nats/token); denoiser:
 {settings['steps']} steps, stopped at step {resume} and resumed (val NELBO {_fmt(last['val/nelbo'])} nats/token);
-sequence length {settings['seq_len']}; {settings['docs']} training documents, {settings['heldout']} held-out
-prompts per task (data/demo_tasks.py).
+sequence length {settings['seq_len']}, block size {settings['block_size']}, the released recipe
+(conf/experiment/demo.yaml); {settings['docs']} training documents, {settings['heldout']} held-out prompts per task
+(data/demo_tasks.py). Load average when the demo started: {settings.get('load_at_start', 'n/a')}.
 
 ## Targets
 
 {_targets_md(t)}
+{_bench_reading(bench_json, gamma)}
 ## AR vs diffusion on the held-out tasks (twotower-eval)
 
 {(out / 'eval' / 'eval.md').read_text()}

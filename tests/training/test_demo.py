@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from twotower.data.demo_tasks import TASKS
+
 SHRUNKEN = ["--docs", "3000", "--heldout", "3", "--ar-steps", "60", "--steps", "24", "--bench-gammas", "0.8,1.5",
             "--bench-limit", "1", "--max-new-tokens", "32", "--workers", "1",
             "--train-override", "trainer.log_interval=4", "--train-override", "trainer.eval_interval=0"]
@@ -49,7 +51,7 @@ def test_shards_verify_and_heldout_prompts_are_not_trained_on(demo):
     assert counts["train"] > 0 and counts["valid"] > 0
     corpus = "".join(p.read_text() for p in (out / "data" / "raw").glob("*.jsonl"))
     tasks = sorted((out / "data" / "tasks").glob("*.jsonl"))
-    assert [p.stem for p in tasks] == ["copy", "count", "recall", "reverse", "sort"]
+    assert [p.stem for p in tasks] == sorted(TASKS)
     for path in tasks:
         for line in path.read_text().splitlines():
             assert json.dumps(json.loads(line)["prompt"])[1:-1] not in corpus
@@ -90,14 +92,14 @@ def test_all_three_modes_generate(demo):
     lines = (out / "logs" / "generate.log").read_text().splitlines()
     for mode in ("diffusion", "mock_ar", "ar"):
         rows = [line for line in lines if line.startswith(f"[{mode:9s}]")]
-        assert len(rows) == 5 and all("tok/s" in r and " -> " in r for r in rows), lines
+        assert len(rows) == len(TASKS) and all("tok/s" in r and " -> " in r for r in rows), lines
 
 
 @pytest.mark.slow
 def test_evaluation_table_benchmark_and_plots_have_finite_numbers(demo):
     out, _ = demo
     ev = json.loads((out / "eval" / "eval.json").read_text())
-    assert sorted(r["task"] for r in ev["tasks"]) == ["copy", "count", "recall", "reverse", "sort"]
+    assert sorted(r["task"] for r in ev["tasks"]) == sorted(TASKS)
     agg = ev["aggregate"]
     for key in ("ar", "diffusion", "tokens_per_forward", "ar_tokens_per_s", "diffusion_tokens_per_s", "throughput_x_ar"):
         assert math.isfinite(agg[key]), (key, agg)
