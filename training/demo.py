@@ -110,7 +110,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--gamma", type=float, default=0.8, help="the confidence threshold of the paper's table")
     ap.add_argument("--bench-gammas", default="0.5,0.7,0.8,0.9,1.0")
     ap.add_argument("--bench-limit", type=int, default=5, help="prompts per task in the benchmark")
-    ap.add_argument("--bench-repeats", type=int, default=1)
+    ap.add_argument("--bench-repeats", type=int, default=2, help="interleaved repeats (medians: less noise)")
     ap.add_argument("--max-new-tokens", type=int, default=48, help="generation budget per prompt")
     ap.add_argument("--workers", type=int, default=2, help="tokenizer processes")
     ap.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",

@@ -15,7 +15,8 @@ from twotower.data.demo_tasks import TASKS
 
 SHRUNKEN = ["--docs", "3000", "--heldout", "3", "--ar-steps", "60", "--steps", "24", "--bench-gammas", "0.8,1.5",
             "--bench-limit", "1", "--max-new-tokens", "32", "--workers", "1",
-            "--train-override", "trainer.log_interval=4", "--train-override", "trainer.eval_interval=0"]
+            "--train-override", "trainer.log_interval=4", "--train-override", "trainer.eval_interval=0",
+            "--train-override", "optim.warmup_steps=4"]
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,8 @@ def test_both_losses_fall_and_the_resume_continues_the_curve(demo):
     assert tt[-1][1] < tt[0][1], tt
     # the denoiser run stopped at step 12 (exit code 6) and the same command resumed it there
     assert "stopped at step 12 (exit code 6)" in stdout
+    log = (out / "logs" / "denoiser.log").read_text()
+    assert "fresh start" in log and "resumed at step 12" in log
     steps = [s for s, _ in tt]
     assert steps == sorted(set(steps)) and steps[-1] == 24 and 12 in steps and 16 in steps
     ckpts = sorted(p.name for p in (out / "twotower" / "checkpoints").glob("step_*"))
