@@ -56,6 +56,8 @@ setup(
         "einops>=0.7",
         "numpy>=1.24",
         "psutil",  # megatron's torch_dist checkpoint writer imports it without declaring it
+        "lm-eval>=0.4.13,<0.5",  # twotower-eval: the model type "twotower" (training/lm_eval_model.py)
+        "matplotlib>=3.7",  # twotower-bench-decode's bench.png
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.0", "mamba-ssm>=2.2", "causal-conv1d>=1.4"],
@@ -71,6 +73,8 @@ setup(
             "twotower-generate=twotower.training.generate:main",
             "twotower-demo=twotower.training.demo:main",
             "twotower-convert=twotower.training.convert:main",
+            "twotower-eval=twotower.training.evaluate:main",
+            "twotower-bench-decode=twotower.training.bench_decode:main",
         ]
     },
 )

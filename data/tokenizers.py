@@ -116,6 +116,12 @@ class HFTokenizer:
             return [e.ids for e in self._fast.encode_batch(texts, add_special_tokens=False)]
         return self._auto(texts, add_special_tokens=False)["input_ids"]
 
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids``; special tokens are dropped (as :meth:`ByteTokenizer.decode` does)."""
+        if self._fast is not None:
+            return self._fast.decode(list(ids), skip_special_tokens=True)
+        return self._auto.decode(list(ids), skip_special_tokens=True)
+
 
 def load_tokenizer(spec: str | Path) -> ByteTokenizer | HFTokenizer:
     """``"byte"`` -> :class:`ByteTokenizer`; a local path -> :class:`HFTokenizer`."""

@@ -97,9 +97,11 @@ def generate_mask_diffusion(model, input_ids: torch.Tensor, max_new_tokens: int 
                             steps_per_block: int = 16, mask_token_id: int = 3, temperature: float = 0.0,
                             confidence_threshold: float = 0.9, eos_token_id: int | None = None,
                             generator: torch.Generator | None = None,
-                            step_callback: Callable[[int, int, torch.Tensor], None] | None = None) -> GenerationOutput:
+                            step_callback: Callable[[int, int, torch.Tensor], None] | None = None,
+                            stop: Callable[[torch.Tensor], bool] | None = None) -> GenerationOutput:
     """Block-wise confidence-threshold mask diffusion (module docstring). ``step_callback(block,
-    step, xt)`` is called after every denoiser step."""
+    step, xt)`` is called after every denoiser step; ``stop(generated [b, n])`` after every block
+    (after the context consumed it, like the eos check): True ends decoding (stop strings)."""
     if block_size < 1 or steps_per_block < 1:
         raise ValueError(f"block_size={block_size} and steps_per_block={steps_per_block} must be >= 1")
     if max_new_tokens % block_size:
@@ -140,6 +142,8 @@ def generate_mask_diffusion(model, input_ids: torch.Tensor, max_new_tokens: int 
         _, cache = model.context_forward(xt, cache, block_wise=True)  # the context consumes the block
         if eos_token_id is not None and bool((xt == eos_token_id).any()):
             break
+        if stop is not None and stop(torch.cat(blocks, dim=1)):
+            break
     return _output(input_ids, blocks, nfe, t0)
 
 
@@ -156,9 +160,10 @@ def _prefill_two_pass(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, Tow
 @torch.no_grad()
 def generate_mock_ar(model, input_ids: torch.Tensor, max_new_tokens: int = 128, temperature: float = 0.0,
                      top_k: int = 0, top_p: float = 1.0, eos_token_id: int | None = None,
-                     generator: torch.Generator | None = None) -> GenerationOutput:
+                     generator: torch.Generator | None = None,
+                     stop: Callable[[torch.Tensor], bool] | None = None) -> GenerationOutput:
     """One token per denoiser step, no time conditioning, from the context's caches shifted back
-    one token (module docstring)."""
+    one token (module docstring). ``stop(generated [b, n])``: as for ``generate_ar``."""
     model.eval()
     t0 = time.perf_counter()
     _, before, after = _prefill_two_pass(model, input_ids)
@@ -169,6 +174,8 @@ def generate_mock_ar(model, input_ids: torch.Tensor, max_new_tokens: int = 128, 
         out.append(tok)
         if eos_token_id is not None and bool((tok == eos_token_id).any()):
             break
+        if stop is not None and stop(torch.cat(out, dim=1)):
+            break
         before, newest = after, tok
         _, after = model.context_forward(tok, after)
     return _output(input_ids, out, len(out), t0)
@@ -177,8 +184,10 @@ def generate_mock_ar(model, input_ids: torch.Tensor, max_new_tokens: int = 128, 
 @torch.no_grad()
 def generate_ar(model, input_ids: torch.Tensor, max_new_tokens: int = 128, temperature: float = 0.0,
                 top_k: int = 0, top_p: float = 1.0, eos_token_id: int | None = None,
-                generator: torch.Generator | None = None) -> GenerationOutput:
-    """Plain AR decoding with the context tower and its caches."""
+                generator: torch.Generator | None = None,
+                stop: Callable[[torch.Tensor], bool] | None = None) -> GenerationOutput:
+    """Plain AR decoding with the context tower and its caches. ``stop(generated [b, n])`` is
+    called after every token: True ends decoding (stop strings; not part of the release)."""
     model.eval()
     t0 = time.perf_counter()
     logits, _, cache = _prefill_two_pass(model, input_ids)
@@ -187,6 +196,8 @@ def generate_ar(model, input_ids: torch.Tensor, max_new_tokens: int = 128, tempe
         tok = sample_next(logits.float().to(input_ids.device), temperature, top_k, top_p, generator)[:, None]
         out.append(tok)
         if eos_token_id is not None and bool((tok == eos_token_id).any()):
+            break
+        if stop is not None and stop(torch.cat(out, dim=1)):
             break
         if i + 1 < max_new_tokens:
             logits, cache = model.context_forward(tok, cache, return_logits=True)

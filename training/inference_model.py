@@ -62,12 +62,15 @@ def _tokenizer_of(cfg: dict) -> str | None:
 def load_for_inference(run: str | None = None, checkpoint: str | None = None, hf: str | None = None,
                        backbone: str | None = None) -> LoadedModel:
     """Exactly one of ``run`` / ``checkpoint`` / ``hf`` (``checkpoint`` may accompany ``run``)."""
+    from megatron.core import parallel_state
+
     from twotower.model.parallel_init import init_parallel
     from twotower.model.released_format import load_context_tower, load_released_twotower
     from twotower.model.two_tower import build_two_tower
     from twotower.training.checkpoint import CheckpointConfig, Checkpointer, find_checkpoint
 
-    init_parallel()
+    if not parallel_state.model_parallel_is_initialized():  # a second model in the same process
+        init_parallel()
     if hf is not None:
         folder = Path(hf)
         cfg = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
