@@ -149,7 +149,7 @@ def decode(em: EvalModel, decoder: str, prompts: list[list[int]], max_new_tokens
     Diffusion decodes whole blocks (``max_new_tokens`` rounded up to a multiple of the block size,
     as Megatron's engine does); rows are cut back to ``max_new_tokens`` here, the counters keep
     what the decoder generated. ``stop(rows)`` sees the generated ids so far (after every block or
-    token) and ends decoding early when it returns True; eos always ends it."""
+    token) and ends decoding early when it returns True; eos ends it (batches: once every row emitted one)."""
     import torch
 
     from twotower.model.decoding import generate_ar, generate_mask_diffusion, generate_mock_ar
@@ -157,8 +157,13 @@ def decode(em: EvalModel, decoder: str, prompts: list[list[int]], max_new_tokens
     if len({len(p) for p in prompts}) != 1:
         raise ValueError("decode() takes prompts of one length (group them with length_batches)")
     ids = torch.tensor(prompts, dtype=torch.long)
-    hook = None if stop is None else (lambda gen: stop(gen.tolist()))
     eos = em.tokenizer.eos_id
+    if len(prompts) > 1 and eos is not None:
+        # The release's decoders end a whole batch once any row emits eos; scored rows must each run to
+        # their own end, so a batch ends when every row has emitted eos (or ``stop`` says so).
+        stop = _every_row_ended(eos, stop)
+        eos = None
+    hook = None if stop is None else (lambda gen: stop(gen.tolist()))
     # Shapes change every step: megatron's torch.compile'd fusions would only recompile (generate.py).
     with torch.compiler.set_stance("force_eager"):
         if decoder == "ar":
@@ -174,6 +179,12 @@ def decode(em: EvalModel, decoder: str, prompts: list[list[int]], max_new_tokens
                                           stop=hook)
     rows = out.sequences[:, ids.shape[1]:ids.shape[1] + max_new_tokens].tolist()
     return rows, out
+
+
+def _every_row_ended(eos: int, stop: Callable[[list[list[int]]], bool] | None):
+    def ended(rows: list[list[int]]) -> bool:
+        return all(eos in r for r in rows) or (stop is not None and stop(rows))
+    return ended
 
 
 def text_until(em: EvalModel, ids: list[int], until: list[str]) -> str:

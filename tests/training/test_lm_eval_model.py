@@ -210,3 +210,21 @@ def test_likelihood_task_through_lm_evals_evaluator(em, tmp_path):
         scores = [_direct_logprob(em, ctx, em.tokenizer.encode(c)) for c in d["choices"]]
         correct += max(range(len(scores)), key=scores.__getitem__) == d["gold"]
     assert res["results"]["mc_local"]["acc,none"] == pytest.approx(correct / len(docs))
+
+
+@pytest.mark.parametrize("decoder", ["ar", "diffusion"])
+def test_a_row_that_ends_early_does_not_cut_the_others(em, decoder, monkeypatch):
+    """The release's decoders end a whole batch once any row emits eos; an evaluation batch must
+    decode every row to its own end. Oracle: the same batch with an eos no row ever emits."""
+    from twotower.training.eval_model import decode
+
+    n, prompts = 12, [em.tokenizer.encode(p) for p in PROMPTS[:2]]
+    monkeypatch.setattr(em.tokenizer, "eos_id", -1)
+    ref, _ = decode(em, decoder, prompts, n, gamma=0.5)
+    # the first token row 0 generates (after the first) that row 1 never does becomes "eos"
+    k = next(j for j in range(1, n) if ref[0][j] not in ref[1])
+    monkeypatch.setattr(em.tokenizer, "eos_id", ref[0][k])
+    rows, out = decode(em, decoder, prompts, n, gamma=0.5)
+    assert rows[1] == ref[1]  # not cut where row 0 ended
+    assert rows[0][:k + 1] == ref[0][:k + 1]
+    assert out.new_tokens == n
