@@ -36,7 +36,7 @@ import time
 import warnings
 from pathlib import Path
 
-from twotower.training.eval_model import EvalInputError, EvalUsageError, check_decoder_args
+from twotower.training.eval_model import EvalUsageError, check_decoder_args, run_command
 from twotower.training.evaluate import add_source_args, check_counts
 
 UNTIL = ["\n"]
@@ -101,28 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = _parser()
     args = ap.parse_args(argv)
     _check(ap, args)
-    from twotower.training.quiet import quiet_third_party
-
-    quiet_third_party()
-    from twotower.model import megatron_cpu
-
-    megatron_cpu.apply()  # the CPU runtime layer (no-op on CUDA hosts), before megatron is imported
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    try:
-        return _run(args)
-    except EvalUsageError as e:
-        print(f"twotower-bench-decode: error: {e}", file=sys.stderr)
-        return 2
-    except EvalInputError as e:
-        print(f"twotower-bench-decode: error: {e}", file=sys.stderr)
-        return 5
-    finally:
-        from twotower.model.parallel_init import destroy_parallel
-
-        destroy_parallel()  # a no-op when no model was loaded
+    return run_command("twotower-bench-decode", args, _run)
 
 
 def _run(args) -> int:

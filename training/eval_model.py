@@ -35,6 +35,36 @@ class EvalInputError(ValueError):
     """A bad input file or folder (not a TwoTower, a malformed task file): exit code 5."""
 
 
+def run_command(prog: str, args, run: Callable[[object], int]) -> int:
+    """The shared body of ``twotower-eval`` / ``twotower-bench-decode`` after argument checks:
+    the CPU runtime layer (no-op on CUDA hosts) before megatron is imported, ``--threads``, then
+    ``run(args)``; usage errors exit 2, bad input files 5; the process group is always torn down."""
+    import sys
+
+    from twotower.training.quiet import quiet_third_party
+
+    quiet_third_party()
+    from twotower.model import megatron_cpu
+
+    megatron_cpu.apply()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        return run(args)
+    except EvalUsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except EvalInputError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 5
+    finally:
+        from twotower.model.parallel_init import destroy_parallel
+
+        destroy_parallel()  # a no-op when no model was loaded
+
+
 def check_decoder_args(decoder: str, gamma: float, block_size: int | None, steps_per_block: int | None) -> None:
     """Refuse a decoder setting that cannot run, before any model is loaded (:class:`EvalUsageError`).
 

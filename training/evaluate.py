@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from twotower.training.eval_model import EvalInputError, EvalUsageError, check_decoder_args
+from twotower.training.eval_model import EvalUsageError, check_decoder_args, run_command
 
 
 def add_source_args(ap: argparse.ArgumentParser) -> None:
@@ -74,28 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         check_decoder_args(args.decoder, args.gamma, args.block_size, args.steps_per_block)
     except EvalUsageError as e:
         ap.error(str(e))
-    from twotower.training.quiet import quiet_third_party
-
-    quiet_third_party()
-    from twotower.model import megatron_cpu
-
-    megatron_cpu.apply()  # the CPU runtime layer (no-op on CUDA hosts), before megatron is imported
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    try:
-        return _run(args)
-    except EvalUsageError as e:
-        print(f"twotower-eval: error: {e}", file=sys.stderr)
-        return 2
-    except EvalInputError as e:
-        print(f"twotower-eval: error: {e}", file=sys.stderr)
-        return 5
-    finally:
-        from twotower.model.parallel_init import destroy_parallel
-
-        destroy_parallel()  # a no-op when no model was loaded
+    return run_command("twotower-eval", args, _run)
 
 
 def _run(args) -> int:
