@@ -51,11 +51,12 @@ def export_config(backbone: BackboneConfig, dtype: str, backbone_only: bool, sou
     return cfg
 
 
-def write_export_metadata(folder: Path, backbone: BackboneConfig, backbone_src: str | Path, dtype: str,
+def write_export_metadata(folder: Path, backbone: BackboneConfig, backbone_src: str | Path | None, dtype: str,
                           backbone_only: bool, twotower, tokenizer_files: list[Path]) -> None:
-    """Write everything but the weights into ``folder``."""
-    src_cfg_file = Path(backbone_src) / "config.json"
-    source = json.loads(src_cfg_file.read_text()) if src_cfg_file.exists() else None
+    """Write everything but the weights into ``folder`` (``backbone_src`` ``None``: an AR run's
+    checkpoint, whose special ids are ours: bos 1, eos 2, pad 0)."""
+    src_cfg_file = Path(backbone_src) / "config.json" if backbone_src is not None else None
+    source = json.loads(src_cfg_file.read_text()) if src_cfg_file is not None and src_cfg_file.exists() else None
     cfg = export_config(backbone, dtype, backbone_only, source, twotower.mask_token_id, twotower.block_size)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     gen = {"_from_model_config": True, **{k: cfg[k] for k in _SPECIAL_IDS}}

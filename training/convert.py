@@ -10,6 +10,9 @@
     # AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) loads without twotower
     twotower-convert export-hf --checkpoint runs/x/checkpoints --output export/x --tokenizer TOKDIR --verify
     twotower-convert export-hf --checkpoint runs/x/checkpoints --output export/x-ar --backbone-only
+    # an objective=ar run (pretraining the backbone) -> the NemotronHForCausalLM folder that
+    # twotower-train backbone=... takes as its frozen context tower
+    twotower-convert export-hf --checkpoint runs/ar/checkpoints --output export/ar --backbone-only --dtype fp32
     # the 30B model: shard the conversion over one node (each rank reads only its slices)
     torchrun --nproc_per_node 8 -m twotower.training.convert import-hf --hf DIR --output CKPT --ep 8
 
@@ -156,18 +159,28 @@ def export_hf(args) -> Path | None:
     from twotower.model.released_format import iter_released_tensors, load_context_tower
     from twotower.model.safetensors_writer import ShardedSafetensorsWriter
     from twotower.training.checkpoint import CheckpointConfig, Checkpointer, find_checkpoint
-    from twotower.training.inference_model import saved_model_config
+    from twotower.training.inference_model import checkpoint_objective, saved_model_config
 
     out = Path(args.output)
     _check_target(out, args.overwrite)
     if args.verify and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConvertError("--verify needs a single-process export (run without torchrun)")
     ckpt = find_checkpoint(args.checkpoint)
-    backbone, twotower, backbone_src, _ = saved_model_config(ckpt, args.backbone)
+    ar = checkpoint_objective(ckpt) == "ar"
+    if ar and not args.backbone_only:
+        raise ConvertError(f"{ckpt}: an objective=ar checkpoint holds the backbone alone; export it with "
+                           "--backbone-only (a NemotronHForCausalLM folder)")
+    if ar and args.backbone:
+        raise ConvertError(f"--backbone: {ckpt} is an objective=ar checkpoint, it is the backbone itself")
+    backbone, twotower, backbone_src, _ = saved_model_config(ckpt, args.backbone, allow_ar=ar)
     tok = _tokenizer_files(args.tokenizer, backbone.vocab_size) if args.tokenizer else []
     model = _setup(backbone, twotower, args)
-    load_context_tower(model.context_tower, backbone_src)
-    Checkpointer(CheckpointConfig(dir=str(ckpt.parent))).load_weights(model, ckpt)
+    checkpointer = Checkpointer(CheckpointConfig(dir=str(ckpt.parent)))
+    if ar:  # the AR run's model is the context tower's architecture: its weights load there
+        checkpointer.load_weights(model.context_tower, ckpt)
+    else:
+        load_context_tower(model.context_tower, backbone_src)
+        checkpointer.load_weights(model, ckpt)
     model.eval()
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     writer = None

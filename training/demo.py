@@ -6,11 +6,11 @@
 Stages, each a production command run as a subprocess (its progress lines print as they come):
 
 1. data: held-out task prompts (``DIR/tasks/<task>.jsonl``) and a training corpus without them
-   (``data/demo_tasks.py``: copy, reverse, sort, count, recall; answers are long deterministic
+   (``data/demo_tasks.py``: copy, count, countdown, skip-count; answers are long deterministic
    spans), tokenized into verified webdataset shards (``twotower-tokenize``, byte tokenizer);
 2. backbone: ``twotower-train experiment=demo_ar`` (``objective=ar``), then its checkpoint as a
-   Hugging Face ``NemotronHForCausalLM`` folder (``model/hf_export.py``: ``twotower-convert
-   export-hf`` takes TwoTower checkpoints only);
+   Hugging Face ``NemotronHForCausalLM`` folder (``twotower-convert export-hf --backbone-only
+   --verify``: reloaded with transformers and compared);
 3. denoiser: ``twotower-train experiment=demo backbone=...`` stopped halfway
    (``trainer.exit_after_steps``, exit code 6, as after a preemption) and the same command again,
    which resumes from the checkpoint;
@@ -154,34 +154,9 @@ def verify_shards(data_dir: Path) -> dict[str, int]:
     return counts
 
 
-def export_backbone(ar_run: Path, out: Path) -> Path:
-    """The AR run's newest checkpoint as a Hugging Face ``NemotronHForCausalLM`` folder.
-
-    ``twotower-convert export-hf`` takes TwoTower checkpoints only, so the backbone goes through
-    the exporter it uses for the context tower's layout (``model/hf_export.py``) directly."""
-    from twotower.model.backbone import build_backbone
-    from twotower.model.hf_export import save_hf_checkpoint
-    from twotower.model.parallel_init import destroy_parallel, init_parallel
-    from twotower.training.checkpoint import Checkpointer
-    from twotower.training.config import to_train_config
-
-    cfg = to_train_config(yaml.safe_load((ar_run / "config.yaml").read_text()))
-    init_parallel()
-    try:
-        model = build_backbone(cfg.model, cfg.parallel)
-        if Checkpointer(cfg.checkpoint).load(model, None, None) is None:
-            raise DemoError(f"no checkpoint under {cfg.checkpoint.dir}")
-        return save_hf_checkpoint(model, out, extra_config={"eos_token_id": 2, "bos_token_id": 1, "pad_token_id": 0})
-    finally:
-        destroy_parallel()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     out = Path(args.out).resolve()
-    from twotower.training.quiet import quiet_third_party
-
-    quiet_third_party()  # the in-process backbone export builds megatron modules
     for stale in ("ar", "twotower", "backbone_hf", "twotower_hf", "data", "eval", "bench", "report.md", "plots"):
         if (out / stale).exists():  # a previous demo's runs would be resumed, its tables reused
             print(f"[demo] removing the previous demo's {out / stale}", flush=True)
@@ -220,9 +195,9 @@ def _pipeline(args: argparse.Namespace, out: Path, st: Stages) -> dict:
     st.begin("backbone", f"AR pretraining of a small Nemotron-H ({ar_steps} steps), export as NemotronHForCausalLM")
     st.run("twotower-train", "experiment=demo_ar", f"trainer.run_dir={out / 'ar'}", f"trainer.max_steps={ar_steps}",
            f"checkpoint.interval={ar_steps}", *common)
-    backbone = out / "backbone_hf"
-    print(f"[demo] exporting {out / 'ar' / 'checkpoints'} -> {backbone} (NemotronHForCausalLM)", flush=True)
-    export_backbone(out / "ar", backbone)
+    backbone = out / "backbone_hf"  # the frozen context tower of stage 3, as a NemotronHForCausalLM
+    st.run("twotower-convert", "export-hf", "--checkpoint", out / "ar" / "checkpoints", "--output", backbone,
+           "--backbone-only", "--dtype", "fp32", "--verify")
 
     half = steps // 2
     st.begin("denoiser", f"train the denoiser {steps} steps on the frozen backbone; stop at step {half} "

@@ -35,12 +35,24 @@ class LoadedModel:
     """Where the context tower came from."""
 
 
-def saved_model_config(ckpt: Path, backbone_override: str | None = None) -> tuple:
-    """``(BackboneConfig, TwoTowerConfig, backbone path, tokenizer spec)`` recorded in a checkpoint."""
+def checkpoint_objective(ckpt: Path) -> str:
+    """The training objective recorded in a checkpoint: ``diffusion`` (a TwoTower) or ``ar`` (a backbone)."""
     cfg = json.loads((ckpt / "extra.json").read_text())["extra"].get("config") or {}
-    if cfg.get("objective", "diffusion") != "diffusion" or "model" not in cfg:
+    return cfg.get("objective", "diffusion")
+
+
+def saved_model_config(ckpt: Path, backbone_override: str | None = None, allow_ar: bool = False) -> tuple:
+    """``(BackboneConfig, TwoTowerConfig, backbone path, tokenizer spec)`` recorded in a checkpoint.
+
+    ``allow_ar``: an ``objective=ar`` checkpoint (the backbone alone) is accepted too; its
+    TwoTowerConfig is the default and its backbone path ``None`` (the checkpoint is the backbone)."""
+    cfg = json.loads((ckpt / "extra.json").read_text())["extra"].get("config") or {}
+    objective = cfg.get("objective", "diffusion")
+    if objective not in (("diffusion", "ar") if allow_ar else ("diffusion",)) or "model" not in cfg:
         raise CheckpointError(f"{ckpt}: not a TwoTower checkpoint (objective={cfg.get('objective')!r})")
     model_cfg = {k: (float(v) if k.startswith("mamba_dt_") else v) for k, v in cfg["model"].items()}
+    if objective == "ar":
+        return BackboneConfig(**model_cfg), TwoTowerConfig(), None, _tokenizer_of(cfg)
     names = {f.name for f in dataclasses.fields(TwoTowerConfig)}
     twotower = TwoTowerConfig(**{k: v for k, v in cfg["twotower"].items() if k in names})
     backbone = backbone_override or cfg.get("backbone")

@@ -145,3 +145,49 @@ def test_streaming_writer_holds_about_two_shards(tmp_path):
     assert len(set(index["weight_map"].values())) == total // shard
     growth = peak[0] - base
     assert growth < 4 * shard, f"RSS grew by {growth / 2**20:.0f} MiB for {total / 2**20:.0f} MiB written"
+
+
+def test_ar_run_exports_as_the_backbone_it_trained(tmp_path):
+    """An ``objective=ar`` run's checkpoint -> a NemotronHForCausalLM folder whose logits are the
+    trained backbone's (loaded the way the trainer saved it); without --backbone-only it is refused."""
+    import os
+    import subprocess
+
+    from transformers import NemotronHForCausalLM
+
+    from twotower.model.backbone import build_backbone
+    from twotower.model.parallel_init import destroy_parallel, init_parallel
+    from twotower.training.checkpoint import Checkpointer
+    from twotower.training.config import to_train_config
+
+    repo, run = Path(__file__).parents[2], tmp_path / "ar"
+    cmd = [sys.executable, "-m", "twotower.training.train", "experiment=smoke_cpu", "objective=ar",
+           f"trainer.run_dir={run}", "trainer.max_steps=4", "trainer.seq_len=32", "checkpoint.interval=4",
+           "trainer.eval_interval=0", "optim.lr=1e-2"]
+    proc = subprocess.run(cmd, cwd=repo, env=dict(os.environ, WORLD_SIZE="1"), capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "hf"
+    assert convert(["export-hf", "--checkpoint", str(run / "checkpoints"), "--output", str(out)]) == 5
+    assert not out.exists()
+    assert convert(["export-hf", "--checkpoint", str(run / "checkpoints"), "--output", str(out),
+                    "--backbone-only", "--backbone", str(tmp_path)]) == 5
+    assert convert(["export-hf", "--checkpoint", str(run / "checkpoints"), "--output", str(out),
+                    "--backbone-only", "--dtype", "fp32", "--verify"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (1, 2, 0)
+
+    import yaml
+
+    train_cfg = to_train_config(yaml.safe_load((run / "config.yaml").read_text()))
+    init_parallel()
+    try:
+        ours = build_backbone(train_cfg.model, train_cfg.parallel).eval()
+        assert Checkpointer(train_cfg.checkpoint).load(ours, None, None) is not None
+        ids = torch.randint(4, train_cfg.model.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            expect = ours(ids).float()
+    finally:
+        destroy_parallel()
+    hf = NemotronHForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert (_logits(hf, ids) - expect).abs().max() < 1e-4
