@@ -104,7 +104,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo", help="where data, runs, exports and the report go")
     ap.add_argument("--docs", type=int, default=40_000, help="training documents (one task instance each)")
-    ap.add_argument("--heldout", type=int, default=24, help="held-out prompts per task (evaluation)")
+    ap.add_argument("--heldout", type=int, default=48, help="held-out prompts per task (evaluation)")
     ap.add_argument("--ar-steps", type=int, default=None, help="AR steps (default: experiment=demo_ar's)")
     ap.add_argument("--steps", type=int, default=None, help="denoiser steps (default: experiment=demo's)")
     ap.add_argument("--gamma", type=float, default=0.8, help="the confidence threshold of the paper's table")
