@@ -44,7 +44,7 @@ from twotower.training.optim import build_optimizer, build_scheduler
 from twotower.training.preemption import StopRequest
 from twotower.training.resume_policy import check_resumable
 from twotower.training.run_lock import lock_run
-from twotower.training.wrapping import params_gathered, wrap_for_training
+from twotower.training.wrapping import params_gathered, release_training_wrappers, wrap_for_training
 
 
 class TrainingStopped(RuntimeError):
@@ -394,7 +394,9 @@ class Trainer:
         return last
 
     def close(self) -> None:
+        """End of the run: files and lock released; the model and optimizer become collectable."""
         self.metrics.close()
+        release_training_wrappers(self.model, self.ddp)
         if self._lock is not None:
             self._lock.release()
             self._lock = None

@@ -50,3 +50,18 @@ def params_gathered(ddp: DistributedDataParallel, ddp_config: DistributedDataPar
         yield
     finally:
         ddp.enable_forward_pre_hook()
+
+
+def release_training_wrappers(model, ddp: DistributedDataParallel) -> None:
+    """Let a finished run's model, gradients, optimizer and process groups be freed in-process
+    (a Hydra ``--multirun`` sweep runs many trainers in one process).
+
+    Megatron's DDP keeps each parameter's grad-accumulator node in ``ddp.grad_accs``; the node's
+    hook (C++-held) points back at the DDP, and the distributed optimizer's shard views (autograd
+    views of the parameters) lead to the same nodes. Python's collector cannot see those C++
+    edges, so the cycle DDP -> node -> hook -> DDP (and the model config's bound optimizer and
+    DDP methods) kept every run alive: its tensors and ~65 gloo sockets/pipes per run. Dropping
+    the node references and the config's callbacks breaks it; the model cannot train afterwards."""
+    mc = model.config
+    mc.finalize_model_grads_func = mc.no_sync_func = mc.grad_scale_func = None
+    ddp.grad_accs.clear()
