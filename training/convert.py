@@ -159,20 +159,20 @@ def export_hf(args) -> Path | None:
     from twotower.model.released_format import iter_released_tensors, load_context_tower
     from twotower.model.safetensors_writer import ShardedSafetensorsWriter
     from twotower.training.checkpoint import CheckpointConfig, Checkpointer, find_checkpoint
-    from twotower.training.inference_model import checkpoint_objective, saved_model_config
+    from twotower.training.inference_model import saved_model_config
 
     out = Path(args.output)
     _check_target(out, args.overwrite)
     if args.verify and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConvertError("--verify needs a single-process export (run without torchrun)")
     ckpt = find_checkpoint(args.checkpoint)
-    ar = checkpoint_objective(ckpt) == "ar"
+    backbone, twotower, backbone_src, _ = saved_model_config(ckpt, args.backbone, allow_ar=True)
+    ar = backbone_src is None  # an objective=ar checkpoint: the backbone itself
     if ar and not args.backbone_only:
         raise ConvertError(f"{ckpt}: an objective=ar checkpoint holds the backbone alone; export it with "
                            "--backbone-only (a NemotronHForCausalLM folder)")
     if ar and args.backbone:
         raise ConvertError(f"--backbone: {ckpt} is an objective=ar checkpoint, it is the backbone itself")
-    backbone, twotower, backbone_src, _ = saved_model_config(ckpt, args.backbone, allow_ar=ar)
     tok = _tokenizer_files(args.tokenizer, backbone.vocab_size) if args.tokenizer else []
     model = _setup(backbone, twotower, args)
     checkpointer = Checkpointer(CheckpointConfig(dir=str(ckpt.parent)))

@@ -35,17 +35,12 @@ class LoadedModel:
     """Where the context tower came from."""
 
 
-def checkpoint_objective(ckpt: Path) -> str:
-    """The training objective recorded in a checkpoint: ``diffusion`` (a TwoTower) or ``ar`` (a backbone)."""
-    cfg = json.loads((ckpt / "extra.json").read_text())["extra"].get("config") or {}
-    return cfg.get("objective", "diffusion")
-
-
 def saved_model_config(ckpt: Path, backbone_override: str | None = None, allow_ar: bool = False) -> tuple:
     """``(BackboneConfig, TwoTowerConfig, backbone path, tokenizer spec)`` recorded in a checkpoint.
 
     ``allow_ar``: an ``objective=ar`` checkpoint (the backbone alone) is accepted too; its
-    TwoTowerConfig is the default and its backbone path ``None`` (the checkpoint is the backbone)."""
+    TwoTowerConfig is the default and its backbone path ``None`` (the checkpoint is the backbone;
+    only then is it ``None``: a TwoTower checkpoint without one raises)."""
     cfg = json.loads((ckpt / "extra.json").read_text())["extra"].get("config") or {}
     objective = cfg.get("objective", "diffusion")
     if objective not in (("diffusion", "ar") if allow_ar else ("diffusion",)) or "model" not in cfg:
